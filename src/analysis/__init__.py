@@ -1,0 +1,1 @@
+"""Post-training measurements of the paper (lesions, paths) as Lightning callbacks."""
