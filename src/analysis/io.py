@@ -85,13 +85,19 @@ def log_to_wandb(
 
 class AnalysisCallback(Callback):
     """Base of the post-training measurements: runs once testing ends (after fit, or on a loaded
-    checkpoint with `train=false`) and writes into `<run dir>/analysis/`."""
+    checkpoint with `train=false`) and writes into `<run dir>/analysis/`.
+
+    Under DDP the analysis runs on global rank 0 only, as plain PyTorch on `pl_module.net` (no
+    collective calls), so its results equal a single-process run; the other ranks wait.
+    """
 
     def analysis_dir(self, trainer: L.Trainer) -> Path:
         return Path(trainer.default_root_dir) / "analysis"
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.analyse(trainer, pl_module)
+        if trainer.is_global_zero:
+            self.analyse(trainer, pl_module)
+        trainer.strategy.barrier("analysis")
 
     def analyse(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         raise NotImplementedError
