@@ -1,0 +1,172 @@
+"""The exact lesion engine behind paper Sec. 4 (Figs 3, 4, 5, 8): test error of a trained network
+under many lesion plans (deleted blocks, reordered blocks), one pass over the test set.
+
+Per test batch the unlesioned network runs once and keeps the input of every block (the cache of
+`Network.block_inputs`). A lesion that first differs from the unlesioned sequence at position p
+restarts from the cached input of position p: deleting block i recomputes only the blocks after
+i; delete-many and reorder reuse the prefix before their first changed position. Every block
+after p runs exactly as in a fresh forward, so results equal naive evaluation (`reuse=False`,
+a fresh `net(x, plan)` per lesion: the reference for tests and benchmarks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from src.errors import ConfigError
+from src.models.network import FULL, Network, Plan
+
+
+def lesion_plan(base: Plan | None, deleted: Iterable[int] = (), order: Sequence[int] | None = None):
+    """`base` (the trained network's eval plan, or the full network) with a lesion on top."""
+    base = FULL if base is None else base
+    changes = {"deleted": base.deleted | frozenset(int(i) for i in deleted)}
+    if order is not None:
+        changes["order"] = tuple(int(i) for i in order)
+    return dataclasses.replace(base, **changes)
+
+
+def first_change(base: Plan, plan: Plan, n_blocks: int) -> int | None:
+    """First position whose computation differs between `base` and `plan` (None: none does)."""
+    if dataclasses.replace(plan, order=None, deleted=frozenset()) != dataclasses.replace(
+        base, order=None, deleted=frozenset()
+    ):
+        return 0  # a global change (scale, drop, gradient gates): nothing can be reused
+    seq_b, seq_p = base.sequence(n_blocks), plan.sequence(n_blocks)
+    for pos, (i, j) in enumerate(zip(seq_b, seq_p)):
+        if i != j or (i in base.deleted) != (i in plan.deleted):
+            return pos
+    return None if len(seq_b) == len(seq_p) else min(len(seq_b), len(seq_p))
+
+
+def plan_inputs(net: Network, x: Tensor, base: Plan) -> list[Tensor]:
+    """Input of every position of `base`'s sequence, then the trunk output."""
+    if base == FULL:
+        return net.block_inputs(x)
+    h = net.stem(x)
+    cache = [h]
+    for i in base.sequence(net.n_blocks):
+        h = net.run_block(i, h, base)
+        cache.append(h)
+    return cache
+
+
+def check_plans(net: Network, plans: Sequence[Plan]) -> None:
+    for plan in plans:
+        try:
+            plan.validate(net.n_blocks)
+        except ValueError as err:
+            raise ConfigError(f"{err}; fix the lesion's block indices") from None
+
+
+def rebatch(batches: Iterable[tuple[Tensor, Tensor]], size: int | None) -> Iterator:
+    """Re-chunk (x, y) batches to `size` examples (None: as they come)."""
+    if size is None:
+        yield from batches
+        return
+    xs, ys, n = [], [], 0
+    for x, y in batches:
+        xs.append(x)
+        ys.append(y)
+        n += len(y)
+        while n >= size:
+            x_all, y_all = torch.cat(xs), torch.cat(ys)
+            yield x_all[:size], y_all[:size]
+            xs, ys, n = [x_all[size:]], [y_all[size:]], n - size
+    if n:
+        yield torch.cat(xs), torch.cat(ys)
+
+
+@contextlib.contextmanager
+def eval_mode(net: Network, device: torch.device | str | None = None):
+    """BN in eval mode (running statistics) and no autograd, for this block only; the network's
+    training flag and device are restored on exit, even if the sweep is interrupted."""
+    was_training = net.training
+    old = next(net.parameters()).device
+    device = old if device is None else torch.device(device)
+    net.eval().to(device)
+    try:
+        with torch.inference_mode():
+            yield device
+    finally:
+        net.train(was_training).to(old)
+
+
+def _progress(enabled: bool):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=True,
+    )
+
+
+def lesion_logits(
+    net: Network, x: Tensor, plans: Sequence[Plan], base: Plan | None = None, reuse: bool = True
+) -> Iterator[Tensor]:
+    """Logits of one batch: first under `base`, then under each plan (call in eval mode).
+
+    reuse=True restarts each lesion from the cached block inputs of the `base` network at its
+    first changed position; reuse=False runs a fresh forward per lesion (the naive reference).
+    """
+    base = FULL if base is None else base
+    if not reuse:
+        yield net(x, base)
+        for plan in plans:
+            yield net(x, plan)
+        return
+    cache = plan_inputs(net, x, base)
+    base_logits = net.head(cache[-1])
+    yield base_logits
+    for plan in plans:
+        start = first_change(base, plan, net.n_blocks)
+        if start is None:
+            yield base_logits
+        else:
+            yield net.head(net.trunk(cache[start], plan, start=start))
+
+
+def lesion_errors(
+    net: Network,
+    plans: Sequence[Plan],
+    batches: Iterable[tuple[Tensor, Tensor]],
+    base: Plan | None = None,
+    reuse: bool = True,
+    device: torch.device | str | None = None,
+    batch_size: int | None = None,
+    progress: bool = False,
+    description: str = "lesions",
+) -> tuple[float, list[float]]:
+    """Test error of `net` under `base` and under each plan in `plans` (fractions in [0, 1]),
+    in one pass over `batches`, with BN in eval mode on `device` (None: where the net is)."""
+    check_plans(net, [FULL if base is None else base, *plans])
+    total = 0
+    with eval_mode(net, device) as dev, _progress(progress) as bar:
+        wrong = torch.zeros(len(plans) + 1, dtype=torch.long, device=dev)  # first: the base
+        task = bar.add_task(description, total=len(plans))
+        for b, (x, y) in enumerate(rebatch(batches, batch_size)):
+            bar.reset(task, description=f"{description} (test batch {b + 1})")
+            x, y = x.to(dev), y.to(dev)
+            for k, logits in enumerate(lesion_logits(net, x, plans, base, reuse)):
+                wrong[k] += (logits.argmax(1) != y).sum()
+                bar.advance(task, advance=int(k > 0))
+            total += len(y)
+    if total == 0:
+        raise ConfigError("the test split is empty: nothing to evaluate lesions on")
+    errors = (wrong.double() / total).tolist()
+    return errors[0], errors[1:]
