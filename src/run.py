@@ -16,18 +16,47 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, read_write
 
-from src.analysis.io import write_json
+from src.analysis.io import atomic_write, write_json
 from src.data import DataUnavailable
 from src.errors import ConfigError
 from src.module import Classifier
 
 log = logging.getLogger("src.run")
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 # A per-process random suffix keeps run directories unique when many jobs start in one second.
 OmegaConf.register_new_resolver("uid", lambda: secrets.token_hex(3), use_cache=True, replace=True)
+
+
+def wandb_id(output_dir: str) -> str:
+    """This run dir's W&B run id, kept beside its checkpoints (`checkpoints/wandb_id`) so that a
+    resumed or requeued job continues its own W&B run. The first rank to get here creates it."""
+    path = Path(output_dir) / "checkpoints" / "wandb_id"
+    if not path.exists():
+        tmp = atomic_write(path.with_name(f".wandb_id.{os.getpid()}"), secrets.token_hex(8))
+        try:
+            os.link(tmp, path)  # atomic and never overwrites another rank's id
+        except FileExistsError:
+            pass
+        tmp.unlink()
+    return path.read_text().strip()
+
+
+def wandb_group(experiment_name: str) -> str:
+    """W&B group: `<experiment>` for a single run, `<experiment>/<sweep dir>` for a sweep's jobs."""
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        return f"{experiment_name}/{Path(hydra_cfg.sweep.dir).name}"
+    return experiment_name
+
+
+OmegaConf.register_new_resolver("wandb_id", wandb_id, replace=True)
+OmegaConf.register_new_resolver("wandb_group", wandb_group, replace=True)
 
 
 def build(cfg: DictConfig, list_key: str) -> list:
@@ -40,12 +69,17 @@ def build(cfg: DictConfig, list_key: str) -> list:
 
 
 def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
-    """`resume=true`: continue from this run dir's last.ckpt if any; `resume=<file>`: from it."""
-    if cfg.resume in (None, False):
+    """`resume=true`: continue from this run dir's newest checkpoint (last.ckpt, or the
+    hpc_ckpt_<n>.ckpt Lightning saves on Slurm's requeue signal) if any; `resume=<file>`: from it.
+    A requeued Slurm job (SLURM_RESTART_COUNT > 0) always continues its own run dir."""
+    requeued = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+    if cfg.resume is True or requeued:
+        found = [output_dir / "checkpoints" / "last.ckpt", *output_dir.glob("hpc_ckpt_*.ckpt")]
+        found = [p for p in found if p.exists()]
+        if found:
+            return str(max(found, key=lambda p: p.stat().st_mtime))
+    if cfg.resume in (None, False, True):
         return None
-    if cfg.resume is True:
-        last = output_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.exists() else None
     path = Path(str(cfg.resume)).expanduser()
     if not path.is_file():
         raise ConfigError(
@@ -67,6 +101,19 @@ def load_weights(module: Classifier, ckpt_path: str) -> None:
             f"model={module.net.__class__.__name__}({module.net.n_blocks} blocks): pass the "
             "model=... (and data=...) it was trained with"
         ) from None
+
+
+def ddp_ranks_join_this_job() -> None:
+    """Outside Slurm, Lightning starts DDP ranks 1.. by re-running `sys.argv` plus
+    `hydra.run.dir=<hydra.run.dir>`. In a sweep (`-m`) that would re-run the whole sweep into new
+    directories (lightning-hydra-template #393), so point it at this job: its own overrides, run
+    mode, its own directory."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    hydra_cfg = HydraConfig.get()
+    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
+    with read_write(hydra_cfg):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
 
 
 def validate(cfg: DictConfig) -> None:
@@ -92,6 +139,7 @@ def train(cfg: DictConfig) -> dict:
     module = Classifier(
         net, mode=instantiate(cfg.training), num_classes=datamodule.num_classes, **cfg.optim
     )
+    ddp_ranks_join_this_job()
     trainer = instantiate(
         cfg.trainer,
         callbacks=build(cfg, "callbacks"),
@@ -118,6 +166,19 @@ def train(cfg: DictConfig) -> dict:
     return metrics
 
 
+def check_choices(argv: list[str]) -> None:
+    """Fail fast, in one line, on an unknown config-group option (e.g. `model=resnet111`)."""
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        group = CONF_DIR / key
+        if not sep or key.startswith("hydra") or not group.is_dir():
+            continue
+        options = sorted(p.stem for p in group.glob("*.yaml"))
+        for choice in value.split(","):
+            if choice not in options and choice != "null":
+                raise ConfigError(f"unknown {key} {choice!r}: choose one of {', '.join(options)}")
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     try:
@@ -134,4 +195,8 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     os.environ.setdefault("WANDB_SILENT", "true")
+    try:
+        check_choices(sys.argv[1:])
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
     main()
