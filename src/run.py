@@ -152,7 +152,12 @@ def train(cfg: DictConfig) -> dict:
         log.info(
             "training %s (%d blocks) on %s", cfg.model._target_, net.n_blocks, cfg.data._target_
         )
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, output_dir))
+        ckpt = resume_checkpoint(cfg, output_dir)
+        if ckpt:
+            log.info("resuming from %s", ckpt)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+        # the weights tested below are the final ones, also when fit stopped mid-epoch
+        trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt")
     else:
         load_weights(module, cfg.ckpt_path)
     results = trainer.test(module, datamodule=datamodule, verbose=False)[0]
