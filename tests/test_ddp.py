@@ -1,0 +1,84 @@
+"""`trainer=ddp` with 2 CPU processes (gloo): training and an analysis callback run under DDP, the
+analysis runs once (rank 0) and its results equal a single-process run on the same weights, and
+a Hydra sweep job gets exactly one run directory (lightning-hydra-template #393)."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from src.analysis.io import AnalysisCallback, write_json
+from src.data.datamodules import batches
+from tests.conftest import run_cli
+
+pytestmark = [pytest.mark.ddp, pytest.mark.slow]
+
+PROBE = "+callbacks.probe._target_=tests.test_ddp.Probe"
+SMALL = ("preset=quick", "model=resnet20", PROBE)
+
+
+class Probe(AnalysisCallback):
+    """A stand-in analysis in plain PyTorch: the trained net's test error and its logits on the
+    first test batch, written as `probe_rank<r>.json` by whichever rank runs it."""
+
+    def analyse(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        net = pl_module.net.eval()
+        wrong = total = 0
+        logits = None
+        with torch.no_grad():
+            for x, y in batches(trainer.datamodule, "test"):
+                out = net(x)
+                logits = out.tolist() if logits is None else logits
+                wrong += int((out.argmax(1) != y).sum())
+                total += len(y)
+        write_json(
+            self.analysis_dir(trainer) / f"probe_rank{trainer.global_rank}.json",
+            {"world_size": trainer.world_size, "error": wrong / total, "logits": logits},
+        )
+
+
+def test_ddp_sweep_job_equals_single_process(tmp_path):
+    logs = tmp_path / "logs"
+    run_cli(
+        "-m",
+        *SMALL,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.max_steps=10",
+        "logger=wandb",
+        "seed=0",
+        f"paths.log_dir={logs}",
+    )
+    # one sweep dir holding one job dir: the second rank did not start a sweep of its own (#393)
+    [sweep] = list((logs / "train").iterdir())
+    assert sorted(p.name for p in sweep.iterdir()) == ["0", "multirun.yaml"]
+    job = sweep / "0"
+    assert len(list((job / "wandb").glob("offline-run-*"))) == 1  # one W&B run, from rank 0
+
+    # the analysis ran once, on rank 0 of a 2-process world
+    analysis = sorted(p.name for p in (job / "analysis").iterdir())
+    assert analysis == ["probe_rank0.json"]
+    ddp = json.loads((job / "analysis" / "probe_rank0.json").read_text())
+    assert ddp["world_size"] == 2
+
+    # the same analysis in one process on the DDP-trained weights gives the same numbers
+    single_dir = tmp_path / "single"
+    run_cli(
+        *SMALL,
+        "logger=csv",
+        "train=false",
+        f"ckpt_path={job / 'checkpoints' / 'last.ckpt'}",
+        f"hydra.run.dir={single_dir}",
+    )
+    single = json.loads((single_dir / "analysis" / "probe_rank0.json").read_text())
+    assert single["world_size"] == 1
+    assert ddp["error"] == single["error"]
+    torch.testing.assert_close(torch.tensor(ddp["logits"]), torch.tensor(single["logits"]))
+    # and the trainer's own DDP test metric (gathered over both ranks) agrees with both
+    ddp_metrics = json.loads((job / "metrics.json").read_text())
+    single_metrics = json.loads((single_dir / "metrics.json").read_text())
+    assert ddp_metrics["test_error"] == pytest.approx(single_metrics["test_error"], abs=1e-6)
+    assert ddp_metrics["test_error"] == pytest.approx(single["error"], abs=1e-6)

@@ -1,0 +1,147 @@
+"""Sweeps on a real Slurm cluster through `hydra/launcher=slurm` (hydra-submitit-launcher).
+
+CI starts a single-node cluster with `scripts/slurm_local.sh start`; without `sinfo` on the PATH
+these tests are skipped. The requeue test also covers preemption: a job requeued by
+`scontrol requeue` resumes from its last.ckpt, and Lightning's own auto-requeue (SIGUSR1) saves an
+hpc checkpoint, requeues the job and resumes from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, run_cli
+
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        shutil.which("sinfo") is None
+        or subprocess.run(["sinfo"], capture_output=True).returncode != 0,
+        reason="no Slurm cluster here: run `scripts/slurm_local.sh start` (as root) first",
+    ),
+]
+
+# One CPU and 1 GB per job so that two jobs run side by side on a 2-core CI machine.
+SMALL = (
+    "hydra/launcher=slurm",
+    "preset=quick",
+    "model=resnet20",
+    "logger=csv",
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.mem_gb=1",
+    "hydra.launcher.timeout_min=15",
+)
+
+
+def test_two_job_sweep_runs_on_slurm(tmp_path):
+    sweep = tmp_path / "sweep"
+    run_cli(
+        "-m", *SMALL, "trainer.max_steps=20", "seed=0,1", f"hydra.sweep.dir={sweep}", timeout=600
+    )
+    jobs = sorted(p.name for p in sweep.iterdir() if not p.name.startswith("."))
+    assert jobs == ["0", "1", "multirun.yaml"]
+    seeds = set()
+    for job in ("0", "1"):
+        metrics = json.loads((sweep / job / "metrics.json").read_text())
+        assert metrics["global_step"] == 20 and 0.0 <= metrics["test_error"] <= 1.0
+        overrides = yaml.safe_load((sweep / job / ".hydra" / "overrides.yaml").read_text())
+        seeds |= {o for o in overrides if o.startswith("seed=")}
+        # each job ran inside Slurm, as one task (trainer.devices=1)
+        assert "SLURM auto-requeueing enabled" in _job_logs(sweep, job)
+    assert seeds == {"seed=0", "seed=1"}
+
+
+def _job_logs(sweep: Path, job: str | None = None) -> str:
+    """stdout + stderr of sweep job `job` (submitit keeps them in .submitit/<array>_<job>/), or
+    of all jobs (a one-job sweep is a plain job, not an array: .submitit/<job id>/)."""
+    logs = sorted((sweep / ".submitit").glob(f"*_{job}/*_log.*" if job else "*/*_log.*"))
+    assert logs, f"no submitit logs for job {job}"
+    return "".join(p.read_text() for p in logs)
+
+
+def _wait(what: str, cond, timeout: float = 240, proc: subprocess.Popen | None = None):
+    end = time.time() + timeout
+    while time.time() < end:
+        value = cond()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"sweep exited ({proc.returncode}) while waiting for {what}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _state(job_id: str) -> str:
+    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def _release(job_id: str, proc: subprocess.Popen) -> None:
+    """A requeued job waits ~2 min (BeginTime) before it may start again; start it now."""
+    _wait(f"job {job_id} pending again", lambda: _state(job_id) == "PENDING", 120, proc)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+
+
+def test_requeued_job_resumes_from_its_checkpoints(tmp_path):
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "WANDB_SILENT": "true", "WANDB_MODE": "offline"}
+    cmd = [sys.executable, "-m", "src.run", "-m", *SMALL, "trainer.max_steps=300", "seed=0"]
+    out = tmp_path / "sweep.log"
+    job_id = None
+    with open(out, "w") as sink:
+        proc = subprocess.Popen(
+            [*cmd, f"hydra.sweep.dir={sweep}"], cwd=REPO, env=env, stdout=sink, stderr=sink
+        )
+    try:
+        run = sweep / "0"
+        run_log = run / "run.log"
+        _wait("the first checkpoint", (run / "checkpoints" / "last.ckpt").exists, 300, proc)
+        [job_id] = [p.name for p in (sweep / ".submitit").iterdir() if p.is_dir()]
+        assert _state(job_id) == "RUNNING"
+
+        # 1. an admin (or a preempting partition) requeues the running job
+        subprocess.run(["scontrol", "requeue", job_id], check=True)
+        _release(job_id, proc)
+        _wait(
+            "resume from last.ckpt",
+            lambda: (
+                "resuming from " + str(run / "checkpoints" / "last.ckpt") in run_log.read_text()
+            ),
+            240,
+            proc,
+        )
+        # 2. the time-limit signal: Lightning saves hpc_ckpt_1.ckpt and requeues the job itself
+        subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
+        _wait("Lightning's hpc checkpoint", (run / "hpc_ckpt_1.ckpt").exists, 120, proc)
+        _release(job_id, proc)
+        proc.wait(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            if job_id is not None:
+                subprocess.run(["scancel", job_id], capture_output=True)
+    assert proc.returncode == 0, out.read_text()[-3000:]
+
+    log = run_log.read_text()
+    assert f"resuming from {run / 'hpc_ckpt_1.ckpt'}" in log
+    assert json.loads((run / "metrics.json").read_text())["global_step"] == 300
+    err = _job_logs(sweep)
+    # exactly one mechanism requeued: Lightning, once (on USR1); submitit never caught a signal
+    assert err.count("Handling auto-requeue signal") == 1
+    assert err.count("Requeued SLURM job") == 1
+    assert "Caught signal" not in err
+    # the job re-ran in its own directory: no second run dir appeared
+    assert sorted(p.name for p in sweep.iterdir() if not p.name.startswith(".")) == [
+        "0",
+        "multirun.yaml",
+    ]
