@@ -1,0 +1,103 @@
+"""The LightningModule's training step vs a plain PyTorch loop: same model, same batches.
+
+    python benchmarks/training_step.py [--blocks 3] [--steps 30] [--repeats 3]
+
+Both run SGD (momentum, weight decay, the step lr schedule) on identical CIFAR-shaped synthetic
+batches of 128; the first `--warmup` steps of each run are not timed. Runs are interleaved and the
+median per-step time is compared: ratio = Lightning throughput / plain throughput (goal >= 0.95).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from src.models import preact_resnet_cifar
+from src.module import Classifier
+
+
+class StepTimer(L.Callback):
+    def __init__(self, warmup: int):
+        self.warmup, self.start, self.steps = warmup, None, 0
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        if trainer.global_step == self.warmup:
+            self.start = time.perf_counter()
+
+    def on_train_end(self, trainer, *args) -> None:
+        self.elapsed = time.perf_counter() - self.start
+        self.steps = trainer.global_step - self.warmup
+
+
+def lightning_step_time(net, data: TensorDataset, steps: int, warmup: int) -> float:
+    module = Classifier(copy.deepcopy(net), warmup_steps=0)
+    timer = StepTimer(warmup)
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        callbacks=[timer],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=128, shuffle=False))
+    return timer.elapsed / timer.steps
+
+
+def plain_step_time(net, data: TensorDataset, steps: int, warmup: int) -> float:
+    model = copy.deepcopy(net).train()
+    reference = Classifier(model, warmup_steps=0)  # same optimiser + schedule, no Lightning loop
+    opt = torch.optim.SGD(model.parameters(), **reference.optim)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, reference.schedule)
+    for step, (x, y) in enumerate(DataLoader(data, batch_size=128, shuffle=False)):
+        if step == warmup:
+            start = time.perf_counter()
+        if step == steps:
+            break
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        sched.step()
+    return (time.perf_counter() - start) / (steps - warmup)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--blocks", type=int, default=3, help="blocks per stage (3: ResNet-20)")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    n = 128 * (args.steps + 1)
+    data = TensorDataset(
+        torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+    )
+    net = preact_resnet_cifar(args.blocks)
+    times: dict[str, list[float]] = {"plain": [], "lightning": []}
+    for _ in range(args.repeats):
+        times["plain"].append(plain_step_time(net, data, args.steps, args.warmup))
+        times["lightning"].append(lightning_step_time(net, data, args.steps, args.warmup))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(
+        f"pre-act ResNet, {net.n_blocks} blocks, batch 128, {args.threads} threads, "
+        f"{args.steps - args.warmup} timed steps x {args.repeats} interleaved repeats"
+    )
+    for k, t in med.items():
+        print(f"{k:10s} {t * 1e3:8.1f} ms/step  {128 / t:8.1f} images/s")
+    print(f"ratio (Lightning / plain throughput): {med['plain'] / med['lightning']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
