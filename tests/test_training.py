@@ -103,3 +103,27 @@ def test_a_training_step_through_lightning_lowers_the_loss(mode, tmp_path):
     trainer.fit(module, dm)
     assert trainer.global_step == 12
     assert trainer.callback_metrics["train/loss"] < 2.3  # ln(10): better than chance
+
+
+def test_same_seed_same_weights(tmp_path):
+    from src.data import DigitsDataModule
+
+    def fit_once():
+        L.seed_everything(0, workers=True)
+        module = Classifier(preact_resnet_cifar(1, in_channels=1), mode=BlockSubset(k=2))
+        trainer = L.Trainer(
+            max_steps=5,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+        )
+        trainer.fit(module, DigitsDataModule(batch_size=32))
+        return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+    first, second = fit_once(), fit_once()
+    assert torch.equal(first, second)
