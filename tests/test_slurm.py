@@ -120,7 +120,14 @@ def test_requeued_job_resumes_from_its_checkpoints(tmp_path):
             240,
             proc,
         )
-        # 2. the time-limit signal: Lightning saves hpc_ckpt_1.ckpt and requeues the job itself
+        # 2. the time-limit signal: Lightning saves hpc_ckpt_1.ckpt and requeues the job itself.
+        # Its handler is set when fit starts; before that, USR1 would simply kill the job.
+        _wait(
+            "the resumed fit to start",
+            lambda: _job_logs(sweep).count("SLURM auto-requeueing enabled") >= 2,
+            120,
+            proc,
+        )
         subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
         _wait("Lightning's hpc checkpoint", (run / "hpc_ckpt_1.ckpt").exists, 120, proc)
         _release(job_id, proc)
