@@ -18,12 +18,17 @@ network's function; `bn=train` uses batch statistics, on a copy, so running stat
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
+from math import comb
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from src.analysis.io import AnalysisCallback, log_to_wandb, save_figure, update_json, write_csv
+from src.analysis.path_stats import check_share, share_between, shortest_window
+from src.data.datamodules import batches
 from src.errors import ConfigError
 from src.models.network import Block, Network, Plan
 
@@ -183,3 +188,267 @@ def sample_paths(n: int, lengths: Sequence[int], samples: int, gen: torch.Genera
         for k in lengths
         for _ in range(samples)
     ]
+
+
+def path_grad_norms(
+    net: Network,
+    x: Tensor,
+    y: Tensor,
+    paths: Sequence[frozenset[int]],
+    wrt: str = "input",
+    engine: str = "fast",
+    chunk: int = 128,
+) -> Tensor:
+    """Norm of each path's gradient on the batch (x, y), by the chosen engine, in path order."""
+    if engine == "straightforward":
+        return torch.stack([straightforward_path_grad(net, x, y, p, wrt).norm() for p in paths])
+    if engine != "fast":
+        raise ConfigError(f"engine={engine!r}: choose 'fast' or 'straightforward'")
+    vjps = BlockVJPs(net, x, y, wrt)
+    n = vjps.n_blocks
+    order = sorted(range(len(paths)), key=lambda j: [i in paths[j] for i in reversed(range(n))])
+    norms = torch.empty(len(paths), dtype=x.dtype)
+    for c in range(0, len(paths), chunk):
+        idx = order[c : c + chunk]
+        norms[idx] = vjps.path_grads([paths[j] for j in idx]).flatten(1).norm(dim=1).cpu()
+    return norms
+
+
+# --- Figs 6b and 6c from the measured norms -----------------------------------------------------
+
+
+def length_stats(lengths: Sequence[int], norms: Sequence[float]) -> list[dict]:
+    """Rows `length,samples,grad_norm_mean,grad_norm_std` (std with ddof=1; 0 for one sample)."""
+    rows = []
+    for k in sorted(set(lengths)):
+        v = torch.tensor(
+            [float(g) for l_, g in zip(lengths, norms) if l_ == k], dtype=torch.float64
+        )
+        std = float(v.std()) if len(v) > 1 else 0.0
+        rows.append(
+            {
+                "length": k,
+                "samples": len(v),
+                "grad_norm_mean": float(v.mean()),
+                "grad_norm_std": std,
+            }
+        )
+    return rows
+
+
+def fit_decay(rows: Sequence[dict]) -> dict:
+    """Least-squares line log(mean norm) = a + b k: b is the decay rate per block entered."""
+    pts = [(r["length"], math.log(r["grad_norm_mean"])) for r in rows if r["grad_norm_mean"] > 0]
+    if len(pts) < 2:
+        return {"decay_rate": None, "intercept": None, "factor_per_block": None}
+    k = torch.tensor([p[0] for p in pts], dtype=torch.float64)
+    v = torch.tensor([p[1] for p in pts], dtype=torch.float64)
+    b = float(((k - k.mean()) * (v - v.mean())).sum() / ((k - k.mean()) ** 2).sum())
+    a = float(v.mean() - b * k.mean())
+    return {"decay_rate": b, "intercept": a, "factor_per_block": math.exp(b)}
+
+
+def total_gradient(n: int, rows: Sequence[dict]) -> list[dict]:
+    """Fig 6c: C(n, k) x mean norm per measured length, as log10 and as a share of their sum.
+
+    Counts reach 2^54, so the products are formed in log space (math.log of exact ints)."""
+    logs = [
+        math.log(comb(n, r["length"])) + math.log(r["grad_norm_mean"])
+        if r["grad_norm_mean"] > 0
+        else -math.inf
+        for r in rows
+    ]
+    top = max(logs)
+    weights = [math.exp(v - top) for v in logs]
+    total = math.fsum(weights)
+    return [
+        {"length": r["length"], "log10_total": v / math.log(10), "share": w / total}
+        for r, v, w in zip(rows, logs, weights)
+    ]
+
+
+# --- the callback (experiment=gradient_paths) ---------------------------------------------------
+
+
+class GradientPaths(AnalysisCallback):
+    """Figs 6b/6c after testing: `samples` random paths of each length in `lengths` (None: 1..n),
+    spread round-robin over `batches` random training batches, each batch forwarded once.
+
+    Writes `analysis/gradient_paths.csv` (length,samples,grad_norm_mean,grad_norm_std),
+    `analysis/path_decomposition.csv` (exact ||G_k||, when `decomposition`), the figure, and
+    `gradient_paths` in `analysis/summary.json` (decay rate, Fig 6c window of `share`).
+    """
+
+    def __init__(
+        self,
+        samples: int = 1000,
+        lengths: Sequence[int] | None = None,
+        batches: int = 10,
+        split: str = "train",
+        bn: str = "eval",
+        wrt: str = "input",
+        share: float = 0.9,
+        engine: str = "fast",
+        chunk: int = 128,
+        decomposition: bool = True,
+        seed: int = 0,
+    ):
+        self.samples, self.batches, self.chunk, self.seed = samples, batches, chunk, seed
+        self.lengths = None if lengths is None else sorted({int(k) for k in lengths})
+        self.split, self.bn, self.wrt, self.share, self.engine = split, bn, wrt, share, engine
+        self.decomposition = decomposition
+
+    def validate(self, n: int) -> list[int]:
+        """Raise ConfigError on bad settings; return the lengths to sample for n blocks.
+
+        Called from `setup` (before training) rather than the constructor: Hydra's `instantiate`
+        wraps constructor errors, while errors from Lightning hooks reach run.py's one-line report.
+        """
+        if int(self.samples) < 1:
+            raise ConfigError(f"samples={self.samples}: need at least 1 path sample per length")
+        if int(self.batches) < 1 or int(self.chunk) < 1:
+            raise ConfigError(f"batches={self.batches} and chunk={self.chunk} must be at least 1")
+        check_share(self.share)
+        if self.bn not in BN_MODES or self.wrt not in WRT or self.engine not in ENGINES:
+            raise ConfigError(
+                f"bn={self.bn!r}, wrt={self.wrt!r}, engine={self.engine!r}: choose bn in "
+                f"{BN_MODES}, wrt in {WRT}, engine in {tuple(ENGINES)}"
+            )
+        if self.split not in ("train", "val", "test"):
+            raise ConfigError(f"split={self.split!r}: choose train, val or test")
+        lengths = list(range(1, n + 1)) if self.lengths is None else self.lengths
+        if not lengths or not 1 <= min(lengths) <= max(lengths) <= n:
+            raise ConfigError(
+                f"lengths={lengths}: path lengths must lie in 1..{n} (this network has {n} blocks)"
+            )
+        return lengths
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.validate(pl_module.net.n_blocks)  # fail before training, not after
+
+    def analyse(self, trainer, pl_module) -> None:
+        with torch.inference_mode(False), torch.enable_grad():
+            self._analyse(trainer, pl_module)
+
+    def _analyse(self, trainer, pl_module) -> None:
+        net = pl_module.net
+        n, lengths = net.n_blocks, self.validate(net.n_blocks)
+        was_training = net.training
+        measured = prepared(net, self.bn)
+        gen = torch.Generator().manual_seed(int(self.seed))
+        sampled = sample_paths(n, lengths, int(self.samples), gen)
+        data = batches(trainer.datamodule, self.split, pl_module.device, train=False)
+        held = [xy for _, xy in zip(range(int(self.batches)), data)]  # fewer if the split is small
+        norms = torch.empty(len(sampled), dtype=torch.float64)
+        for b, (x, y) in enumerate(held):
+            idx = list(range(b, len(sampled), len(held)))
+            paths = [sampled[j][1] for j in idx]
+            norms[idx] = path_grad_norms(
+                measured, x, y, paths, self.wrt, self.engine, int(self.chunk)
+            )
+        rows = length_stats([k for k, _ in sampled], norms.tolist())
+        fit = fit_decay(rows)
+        totals = total_gradient(n, rows)
+        lo, hi = shortest_window([t["share"] for t in totals], self.share)
+        summary = {
+            "n_blocks": n,
+            "samples_per_length": self.samples,
+            "batches": len(held),
+            "batch_size": len(held[0][1]),
+            "bn": self.bn,
+            "wrt": self.wrt,
+            "engine": self.engine,
+            **fit,
+            "share": self.share,
+            "effective_window": [rows[lo]["length"], rows[hi]["length"]],
+            "effective_window_share": math.fsum(t["share"] for t in totals[lo : hi + 1]),
+            "effective_window_fraction_of_paths": float(
+                share_between(n, rows[lo]["length"], rows[hi]["length"])
+            ),
+            "peak_total_length": max(totals, key=lambda t: t["share"])["length"],
+        }
+        out = self.analysis_dir(trainer)
+        columns = ["length", "samples", "grad_norm_mean", "grad_norm_std"]
+        write_csv(out / "gradient_paths.csv", rows, columns)
+        exact = None
+        if self.decomposition:
+            exact = self._decompose(measured, *held[0], rows, out)
+            summary.update(exact["summary"])
+        update_json(out / "summary.json", {"gradient_paths": summary})
+        fig = plot(n, rows, fit, totals, (lo, hi), exact and exact["rows"])
+        image = save_figure(fig, out / "gradient_paths.png")
+        log_to_wandb(trainer, "gradient_paths", rows, columns, image)
+        net.train(was_training)
+
+    def _decompose(self, net, x, y, rows, out) -> dict:
+        from src.analysis.path_decomposition import decompose
+
+        n = net.n_blocks
+        g = decompose(net, x, y, self.wrt, self.bn)
+        mean = {r["length"]: r["grad_norm_mean"] for r in rows}
+        table = [
+            {
+                "length": k,
+                "count": comb(n, k),
+                "grad_norm_exact": float(g[k].norm()),
+                "count_x_mean_norm": comb(n, k) * mean[k] if k in mean else "",
+            }
+            for k in range(n + 1)
+        ]
+        columns = ["length", "count", "grad_norm_exact", "count_x_mean_norm"]
+        write_csv(out / "path_decomposition.csv", table, columns)
+        norms = [t["grad_norm_exact"] for t in table]
+        lo, hi = shortest_window(norms, self.share)
+        full = float(g.sum(0).norm())
+        return {
+            "rows": table,
+            "summary": {
+                "exact_window": [lo, hi],
+                "exact_peak_length": max(range(n + 1), key=norms.__getitem__),
+                "exact_full_grad_norm": full,
+                "exact_sum_of_norms_over_full": math.fsum(norms) / full if full else None,
+            },
+        }
+
+
+def plot(n, rows, fit, totals, window, exact=None):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = [r["length"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    axes[0].bar(range(n + 1), [comb(n, k) / 2**n for k in range(n + 1)])
+    axes[0].set(title="(a) path lengths", xlabel="path length", ylabel="fraction of paths")
+    mean = [r["grad_norm_mean"] for r in rows]
+    axes[1].errorbar(ks, mean, yerr=[r["grad_norm_std"] for r in rows], fmt="o", ms=3, lw=0.8)
+    if fit["decay_rate"] is not None:
+        axes[1].plot(
+            ks,
+            [math.exp(fit["intercept"] + fit["decay_rate"] * k) for k in ks],
+            "r-",
+            label=f"fit: x{fit['factor_per_block']:.3f} per block",
+        )
+        axes[1].legend(fontsize=7)
+    axes[1].set(
+        yscale="log",
+        title="(b) gradient per path",
+        xlabel="path length",
+        ylabel="grad norm at input",
+    )
+    axes[2].plot(ks, [t["share"] for t in totals], "o-", ms=3, label="count x mean norm")
+    if exact:
+        s = math.fsum(e["grad_norm_exact"] for e in exact)
+        axes[2].plot(
+            [e["length"] for e in exact],
+            [e["grad_norm_exact"] / s for e in exact],
+            "s-",
+            ms=2,
+            label="exact ||G_k|| (signed sum)",
+        )
+    lo, hi = window
+    axes[2].axvspan(ks[lo] - 0.5, ks[hi] + 0.5, color="grey", alpha=0.2, label="effective paths")
+    axes[2].set(title="(c) total gradient per length", xlabel="path length", ylabel="share")
+    axes[2].legend(fontsize=7)
+    return fig

@@ -12,6 +12,8 @@ of `experiment=path_lengths` / `experiment=remaining_paths` (no trained network 
 
 from __future__ import annotations
 
+import functools
+import sys
 from collections.abc import Sequence
 from fractions import Fraction
 from math import comb
@@ -181,3 +183,22 @@ def remaining_paths(output_dir: str, n_blocks: int = 54, deleted: Sequence[int] 
     ax.legend(fontsize=7)
     save_figure(fig, out / "remaining_paths.png")
     return rows
+
+
+def _one_line_errors(fn):
+    """The `task:` form of `fn`: a ConfigError becomes `error: ...` on stderr and exit status 2
+    (Hydra's `instantiate` would otherwise wrap it into a multi-line traceback)."""
+
+    @functools.wraps(fn)
+    def task(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    return task
+
+
+path_lengths_task = _one_line_errors(path_lengths)
+remaining_paths_task = _one_line_errors(remaining_paths)
