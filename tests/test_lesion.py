@@ -1,0 +1,231 @@
+"""The lesion engine (paper Sec. 4): exact against hand-built lesioned networks and against naive
+evaluation; the studies' samplers and their one-line errors for bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from src.analysis.delete_many import DeleteMany, sample_deletions
+from src.analysis.delete_single import DeleteSingle, headline
+from src.analysis.lesion import first_change, lesion_errors, lesion_logits, lesion_plan, rebatch
+from src.analysis.reorder import Reorder, compatible_pairs, swapped_order, tau
+from src.errors import ConfigError
+from src.models import FULL, Network, Plan, preact_resnet_cifar, vgg15
+
+TOL = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These nets are tiny: one intra-op thread avoids oversubscribing a shared CI machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _randomise_bn(net: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial running statistics and affine parameters, so eval-mode BN matters."""
+    g = torch.Generator().manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(c, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(c, generator=g) * 0.1)
+    return net.eval()
+
+
+@pytest.fixture(scope="module", params=["A", "B"])
+def resnet(request):
+    torch.manual_seed(0)
+    return _randomise_bn(
+        preact_resnet_cifar(blocks_per_stage=3, in_channels=1, shortcut=request.param)
+    )
+
+
+@pytest.fixture(scope="module")
+def vgg():
+    torch.manual_seed(0)
+    return _randomise_bn(vgg15(width=16, stage_layers=(2, 2, 3), in_channels=1))
+
+
+@pytest.fixture(scope="module")
+def data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(40, 1, 8, 8, generator=g), torch.randint(0, 10, (40,), generator=g)
+
+
+def _engine(net, x, plans, base=None, reuse=True):
+    with torch.inference_mode():
+        return list(lesion_logits(net, x, plans, base, reuse))
+
+
+def _hand_built(net: Network, replace: dict[int, nn.Module], order=None) -> nn.Module:
+    """A plain nn.Sequential of the network's modules, with some blocks replaced/reordered."""
+    blocks = [replace.get(i, net.blocks[i]) for i in (order or range(net.n_blocks))]
+    return nn.Sequential(net.stem, *blocks, net.head).eval()
+
+
+class _Shortcut(nn.Module):
+    """What is left of a residual block with its residual branch removed, written out."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        b = self.block
+        if not b.downsampling:
+            return x
+        if b.proj is not None:
+            return b.proj(b.pre(x))
+        x = x[:, :, :: b.stride, :: b.stride]
+        return torch.nn.functional.pad(x, (0, 0, 0, 0, 0, b.cout - b.cin))
+
+
+def test_deletion_equals_network_built_without_that_residual_branch(resnet, data):
+    x, _ = data
+    assert any(b.downsampling for b in resnet.blocks)
+    plans = [lesion_plan(None, [i]) for i in range(resnet.n_blocks)]
+    got = _engine(resnet, x, plans)[1:]
+    for i, logits in enumerate(got):
+        with torch.inference_mode():
+            want = _hand_built(resnet, {i: _Shortcut(resnet.blocks[i])})(x)
+        assert (logits - want).abs().max() <= TOL, f"block {i}"
+        assert (logits - _engine(resnet, x, [])[0]).abs().max() > TOL  # deletion changes output
+
+
+def test_vgg_deletion_equals_identity_replacement(vgg, data):
+    x, _ = data
+    plans = [lesion_plan(None, [i]) for i in range(vgg.n_blocks)]
+    for i, logits in enumerate(_engine(vgg, x, plans)[1:]):
+        with torch.inference_mode():
+            want = _hand_built(vgg, {i: copy.deepcopy(vgg.blocks[i].pool)})(x)
+        assert (logits - want).abs().max() <= TOL, f"layer {i}"
+    assert sum(b.downsampling for b in vgg.blocks) == 2  # deleting those keeps their pool
+
+
+def test_reorder_with_tau_one_equals_baseline_and_swaps_equal_hand_built(resnet, data):
+    x, _ = data
+    pairs = compatible_pairs(resnet)
+    ident = swapped_order(range(resnet.n_blocks), [])
+    assert tau(ident, range(resnet.n_blocks)) == 1.0
+    base, same = _engine(resnet, x, [lesion_plan(None, order=ident)])
+    assert torch.equal(base, same)
+    order = swapped_order(range(resnet.n_blocks), [pairs[0], pairs[-1]])
+    assert tau(order, range(resnet.n_blocks)) < 1.0
+    (got,) = _engine(resnet, x, [lesion_plan(None, order=order)])[1:]
+    with torch.inference_mode():
+        want = _hand_built(resnet, {}, order=list(order))(x)
+    assert (got - want).abs().max() <= TOL
+
+
+def _mixed_plans(net: Network, base: Plan | None) -> list[Plan]:
+    n, pairs = net.n_blocks, compatible_pairs(net)
+    return (
+        [lesion_plan(base, [i]) for i in range(n)]
+        + [lesion_plan(base, d) for _, _, d in sample_deletions(n, [0, 2, 5], 3, seed=1)]
+        + [lesion_plan(base, order=swapped_order(range(n), pairs[k : k + 2])) for k in (0, 3)]
+    )
+
+
+@pytest.mark.parametrize("base", [None, Plan(residual_scale=0.7), Plan(deleted=frozenset({4}))])
+def test_engine_equals_naive(resnet, data, base):
+    x, y = data
+    plans = _mixed_plans(resnet, base)
+    fast, naive = _engine(resnet, x, plans, base), _engine(resnet, x, plans, base, reuse=False)
+    assert len(fast) == len(naive) == len(plans) + 1
+    for a, b in zip(fast, naive):
+        assert (a - b).abs().max() <= TOL
+    batches = [(x[:25], y[:25]), (x[25:], y[25:])]
+    e_fast = lesion_errors(resnet, plans, batches, base, reuse=True, batch_size=7)
+    e_naive = lesion_errors(resnet, plans, batches, base, reuse=False)
+    assert e_fast == e_naive
+
+
+def test_engine_restarts_after_the_prefix_it_can_reuse():
+    n = 6
+    assert first_change(FULL, lesion_plan(None, [3]), n) == 3
+    assert first_change(FULL, lesion_plan(None, [4, 1]), n) == 1
+    assert first_change(FULL, lesion_plan(None, order=[0, 1, 4, 3, 2, 5]), n) == 2
+    assert first_change(FULL, lesion_plan(None, order=range(n)), n) is None
+    assert first_change(FULL, Plan(residual_scale=0.5), n) == 0
+    base = Plan(deleted=frozenset({2}))
+    assert first_change(base, lesion_plan(base, [2]), n) is None
+    assert first_change(base, lesion_plan(base, [5]), n) == 5
+
+
+def test_bn_in_eval_mode_and_training_flag_restored(resnet, data):
+    x, y = data
+    resnet.train()
+    try:
+        a = lesion_errors(resnet, [lesion_plan(None, [1])], [(x, y)])
+        b = lesion_errors(resnet, [lesion_plan(None, [1])], [(x, y)], batch_size=3)
+        assert a == b  # per-example results: batch statistics were not used
+        assert resnet.training
+    finally:
+        resnet.eval()
+
+
+def test_rebatch_keeps_every_example_in_order():
+    x = torch.arange(23.0)
+    parts = list(rebatch([(x[:10], x[:10]), (x[10:13], x[10:13]), (x[13:], x[13:])], 4))
+    assert [len(p[0]) for p in parts] == [4, 4, 4, 4, 4, 3]
+    assert torch.equal(torch.cat([p[0] for p in parts]), x)
+
+
+def test_samplers_are_seeded_and_valid():
+    a = sample_deletions(54, [0, 3, 20], trials=4, seed=0)
+    assert a == sample_deletions(54, [0, 3, 20], trials=4, seed=0)
+    assert a != sample_deletions(54, [0, 3, 20], trials=4, seed=1)
+    assert all(len(d) == k == len(set(d)) and all(0 <= i < 54 for i in d) for k, _, d in a)
+
+
+def test_compatible_pairs_of_resnet110_skip_downsampling_and_cross_stage():
+    net = preact_resnet_cifar(blocks_per_stage=18, in_channels=1)
+    pairs = compatible_pairs(net)
+    assert len(pairs) == 18 * 17 // 2 + 2 * (17 * 16 // 2)  # stages of 18, 17, 17 blocks
+    info = net.block_info()
+    for a, b in pairs:
+        assert info[a]["stage"] == info[b]["stage"]
+        assert not info[a]["downsampling"] and not info[b]["downsampling"]
+
+
+def test_headline_uses_non_downsampling_blocks():
+    rows = [
+        {"block": 0, "stage": 0, "downsampling": False, "error": 0.10},
+        {"block": 1, "stage": 1, "downsampling": True, "error": 0.50},
+        {"block": 2, "stage": 1, "downsampling": False, "error": 0.14},
+    ]
+    h = headline(rows, baseline=0.08)
+    assert h["median_increase_nondownsampling"] == pytest.approx(0.04)
+    assert h["worst_block"] == 1 and h["downsampling_errors"] == [0.50]
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: DeleteMany(ks=[0, 55]), "at most 54"),
+        (lambda: DeleteMany(ks=[-1]), "ks >= 0"),
+        (lambda: Reorder(swaps=[426]), "at most 425"),
+        (lambda: DeleteSingle(blocks=[3, 54]), "0..53"),
+        (lambda: DeleteSingle(batch_size=0), "batch_size"),
+    ],
+)
+def test_bad_input_is_a_one_line_config_error(make, match):
+    net = preact_resnet_cifar(blocks_per_stage=18, in_channels=1)
+    with pytest.raises(ConfigError, match=match) as err:
+        make().check(net)
+    assert "\n" not in str(err.value)
+
+
+def test_out_of_range_plan_is_a_config_error(resnet, data):
+    x, y = data
+    with pytest.raises(ConfigError, match="out of range"):
+        lesion_errors(resnet, [lesion_plan(None, [99])], [(x, y)])
