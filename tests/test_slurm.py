@@ -61,6 +61,33 @@ def test_two_job_sweep_runs_on_slurm(tmp_path):
     assert seeds == {"seed=0", "seed=1"}
 
 
+def test_ddp_job_gets_one_slurm_task_per_rank(tmp_path):
+    """trainer=ddp on Slurm: tasks_per_node follows trainer.devices, srun starts both ranks,
+    Lightning reads them from Slurm; one run dir, one W&B run, metrics from rank 0."""
+    sweep = tmp_path / "sweep"
+    run_cli(
+        "-m",
+        *SMALL,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.max_steps=10",
+        "logger=wandb",
+        "seed=0",
+        f"hydra.sweep.dir={sweep}",
+        timeout=600,
+    )
+    assert sorted(p.name for p in sweep.iterdir() if not p.name.startswith(".")) == [
+        "0",
+        "multirun.yaml",
+    ]
+    [script] = (sweep / ".submitit").glob("*/*_submission.sh")
+    assert "#SBATCH --ntasks-per-node=2" in script.read_text()
+    logs = _job_logs(sweep)
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in logs and "GLOBAL_RANK: 1, MEMBER: 2/2" in logs
+    assert json.loads((sweep / "0" / "metrics.json").read_text())["global_step"] == 10
+    assert len(list((sweep / "0" / "wandb").glob("offline-run-*"))) == 1
+
+
 def _job_logs(sweep: Path, job: str | None = None) -> str:
     """stdout + stderr of sweep job `job` (submitit keeps them in .submitit/<array>_<job>/), or
     of all jobs (a one-job sweep is a plain job, not an array: .submitit/<job id>/)."""
