@@ -1,6 +1,7 @@
-"""`trainer=ddp` with 2 CPU processes (gloo): training and an analysis callback run under DDP, the
-analysis runs once (rank 0) and its results equal a single-process run on the same weights, and
-a Hydra sweep job gets exactly one run directory (lightning-hydra-template #393)."""
+"""`trainer=ddp` with 2 CPU processes (gloo): training and the analysis callbacks (a probe and the
+real `experiment=delete_many`) run under DDP, each analysis runs once (rank 0) and its results
+equal a single-process run on the same weights, and a Hydra sweep job gets exactly one run
+directory (lightning-hydra-template #393)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,22 @@ import lightning as L
 import pytest
 import torch
 
-from src.analysis.io import AnalysisCallback, write_json
+from src.analysis.io import AnalysisCallback, read_csv, write_json
 from src.data.datamodules import batches
 from tests.conftest import run_cli
 
 pytestmark = [pytest.mark.ddp, pytest.mark.slow]
 
 PROBE = "+callbacks.probe._target_=tests.test_ddp.Probe"
-SMALL = ("preset=quick", "model=resnet20", PROBE)
+SMALL = (
+    "experiment=delete_many",
+    "preset=quick",
+    "model=resnet20",
+    "callbacks.delete_many.ks=[0,1,3]",
+    "callbacks.delete_many.trials=2",
+    "callbacks.delete_many.progress=false",
+    PROBE,
+)
 
 
 class Probe(AnalysisCallback):
@@ -56,14 +65,14 @@ def test_ddp_sweep_job_equals_single_process(tmp_path):
         f"paths.log_dir={logs}",
     )
     # one sweep dir holding one job dir: the second rank did not start a sweep of its own (#393)
-    [sweep] = list((logs / "train").iterdir())
+    [sweep] = list((logs / "delete_many").iterdir())
     assert sorted(p.name for p in sweep.iterdir()) == ["0", "multirun.yaml"]
     job = sweep / "0"
     assert len(list((job / "wandb").glob("offline-run-*"))) == 1  # one W&B run, from rank 0
 
     # the analysis ran once, on rank 0 of a 2-process world
-    analysis = sorted(p.name for p in (job / "analysis").iterdir())
-    assert analysis == ["probe_rank0.json"]
+    analysis = {p.name for p in (job / "analysis").iterdir()}
+    assert "probe_rank0.json" in analysis and "probe_rank1.json" not in analysis
     ddp = json.loads((job / "analysis" / "probe_rank0.json").read_text())
     assert ddp["world_size"] == 2
 
@@ -80,6 +89,10 @@ def test_ddp_sweep_job_equals_single_process(tmp_path):
     assert single["world_size"] == 1
     assert ddp["error"] == single["error"]
     torch.testing.assert_close(torch.tensor(ddp["logits"]), torch.tensor(single["logits"]))
+    # the paper's Fig. 5a analysis: the same rows, the same errors
+    ddp_rows = read_csv(job / "analysis" / "delete_many.csv")
+    assert [r["k"] for r in ddp_rows] == ["0", "0", "1", "1", "3", "3"]
+    assert ddp_rows == read_csv(single_dir / "analysis" / "delete_many.csv")
     # The trainer's own test metric: single-process it equals the analysis. Under DDP Lightning's
     # DistributedSampler pads the test set to a multiple of the world size by repeating its first
     # images, so metrics.json's test_error counts those twice (off by < 1/n). Analyses are exact.
