@@ -343,9 +343,8 @@ class GradientPaths(AnalysisCallback):
         for b, (x, y) in enumerate(held):
             idx = list(range(b, len(sampled), len(held)))
             paths = [sampled[j][1] for j in idx]
-            norms[idx] = path_grad_norms(
-                measured, x, y, paths, self.wrt, self.engine, int(self.chunk)
-            )
+            got = path_grad_norms(measured, x, y, paths, self.wrt, self.engine, int(self.chunk))
+            norms[idx] = got.to(norms)
         rows = length_stats([k for k, _ in sampled], norms.tolist())
         fit = fit_decay(rows)
         totals = total_gradient(n, rows)
