@@ -116,6 +116,16 @@ def ddp_ranks_join_this_job() -> None:
         hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
 
 
+def leave_ddp() -> None:
+    """Lightning's DDP launcher leaves its process group and rank variables (LOCAL_RANK, ...) in
+    this process. Clear them after each job, so the next job of a local sweep starts its own ranks
+    instead of taking LOCAL_RANK as a sign that someone else started them."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    for key in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        os.environ.pop(key, None)
+
+
 def validate(cfg: DictConfig) -> None:
     if not cfg.train and not cfg.ckpt_path:
         raise ConfigError("train=false needs a checkpoint to analyse: add ckpt_path=<file.ckpt>")
@@ -196,6 +206,7 @@ def main(cfg: DictConfig) -> float | None:
             import wandb
 
             wandb.finish()
+        leave_ddp()
 
 
 if __name__ == "__main__":

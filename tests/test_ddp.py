@@ -61,14 +61,20 @@ def test_ddp_sweep_job_equals_single_process(tmp_path):
         "trainer.accelerator=cpu",
         "trainer.max_steps=10",
         "logger=wandb",
-        "seed=0",
+        "seed=0,1",
         f"paths.log_dir={logs}",
     )
-    # one sweep dir holding one job dir: the second rank did not start a sweep of its own (#393)
+    # one sweep dir holding its two job dirs: the second rank of a job did not start a sweep of
+    # its own (#393), and job 1 started fresh ranks after job 0's had gone
     [sweep] = list((logs / "delete_many").iterdir())
-    assert sorted(p.name for p in sweep.iterdir()) == ["0", "multirun.yaml"]
+    assert sorted(p.name for p in sweep.iterdir()) == ["0", "1", "multirun.yaml"]
+    for job in (sweep / "0", sweep / "1"):
+        [wandb_run] = list((job / "wandb").glob("offline-run-*"))  # one W&B run, from rank 0
+        logged = (wandb_run / "logs" / "debug.log").read_text()
+        assert f"'group': 'delete_many/{sweep.name}'" in logged
+        probe = json.loads((job / "analysis" / "probe_rank0.json").read_text())
+        assert probe["world_size"] == 2
     job = sweep / "0"
-    assert len(list((job / "wandb").glob("offline-run-*"))) == 1  # one W&B run, from rank 0
 
     # the analysis ran once, on rank 0 of a 2-process world
     analysis = {p.name for p in (job / "analysis").iterdir()}
