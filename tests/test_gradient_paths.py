@@ -1,0 +1,192 @@
+"""Gradient per path length (paper Sec. 5, Figs 6b/6c): the fast engine equals the straightforward
+autograd method, paths sum to the full gradient, summaries, bad input, and end to end."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from math import comb
+
+import pytest
+import torch
+
+from src.analysis.gradient_paths import (
+    BlockVJPs,
+    GradientPaths,
+    fast_path_grads,
+    fit_decay,
+    length_stats,
+    path_grad_norms,
+    prepared,
+    sample_paths,
+    straightforward_path_grads,
+    total_gradient,
+)
+from src.analysis.io import read_csv
+from src.errors import ConfigError
+from src.models.preact_resnet import preact_resnet_cifar
+from src.models.torchvision_resnet import torchvision_resnet
+from tests.conftest import run_cli
+
+
+def _randomise_bn(net):
+    g = torch.Generator().manual_seed(1)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return net
+
+
+def tiny(shortcut="B"):
+    torch.manual_seed(0)
+    return _randomise_bn(preact_resnet_cifar(2, widths=(4, 8, 8), shortcut=shortcut)).eval()
+
+
+def batch(n=3, shape=(3, 8, 8)):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, *shape, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+@pytest.mark.parametrize(
+    "shortcut,wrt,batched", [("A", "input", False), ("B", "input", True), ("B", "stem", False)]
+)
+def test_fast_equals_straightforward(shortcut, wrt, batched):
+    net, (x, y) = tiny(shortcut), batch()
+    paths = [p for _, p in sample_paths(6, range(1, 7), 3, torch.Generator().manual_seed(0))]
+    paths.append(frozenset())
+    fast = fast_path_grads(net, x, y, paths, wrt, chunk=7, batched=batched)
+    ref = straightforward_path_grads(net, x, y, paths, wrt)
+    assert fast.shape == ref.shape
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-8)
+    assert ref.abs().max() > 0
+
+
+def test_train_mode_batchnorm_matches_and_leaves_stats_untouched():
+    net, (x, y) = tiny(), batch(4)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    measured = prepared(net, "train")
+    paths = [frozenset({0, 3}), frozenset({1, 2, 5}), frozenset(range(6))]
+    fast = fast_path_grads(measured, x, y, paths)
+    ref = straightforward_path_grads(measured, x, y, paths)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-8)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not net.training
+
+
+def test_post_activation_torchvision_blocks():
+    torch.manual_seed(0)
+    net = _randomise_bn(torchvision_resnet("resnet18", num_classes=10)).eval()
+    x, y = batch(2, (3, 16, 16))
+    paths = [frozenset({0, 2, 7}), frozenset({1, 4}), frozenset(), frozenset(range(8))]
+    torch.testing.assert_close(
+        fast_path_grads(net, x, y, paths), straightforward_path_grads(net, x, y, paths)
+    )
+
+
+def test_all_paths_sum_to_the_full_gradient():
+    """The unraveled view: the gradient is the sum of the gradients of all 2^n paths."""
+    net, (x, y) = tiny(), batch()
+    paths = [
+        frozenset(i for i, b in enumerate(bits) if b)
+        for bits in itertools.product((0, 1), repeat=6)
+    ]
+    total = fast_path_grads(net, x, y, paths, chunk=64).sum(0)
+    x = x.clone().requires_grad_()
+    torch.nn.functional.cross_entropy(net(x), y).backward()
+    torch.testing.assert_close(total, x.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_norms_in_path_order_and_engines_agree():
+    net, (x, y) = tiny(), batch()
+    paths = [frozenset({5}), frozenset({0, 1, 2, 3, 4}), frozenset({2})]
+    fast = path_grad_norms(net, x, y, paths, engine="fast", chunk=2)
+    slow = path_grad_norms(net, x, y, paths, engine="straightforward")
+    torch.testing.assert_close(fast, slow)
+    assert BlockVJPs(net, x, y).bypass[1] is None and BlockVJPs(net, x, y).bypass[2] is not None
+
+
+def test_sampled_paths_have_the_requested_lengths():
+    sampled = sample_paths(54, [1, 23, 54], 5, torch.Generator().manual_seed(0))
+    assert [len(p) for _, p in sampled] == [k for k, _ in sampled] == [1] * 5 + [23] * 5 + [54] * 5
+    assert all(max(p) < 54 for _, p in sampled)
+
+
+def test_summaries_recover_a_known_decay():
+    lengths = [k for k in range(1, 11) for _ in range(3)]
+    norms = [math.exp(-1.0 - 0.3 * k) * f for k in range(1, 11) for f in (0.9, 1.0, 1.1)]
+    rows = length_stats(lengths, norms)
+    assert [r["samples"] for r in rows] == [3] * 10
+    fit = fit_decay(rows)
+    assert fit["decay_rate"] == pytest.approx(-0.3) and fit["factor_per_block"] < 1
+    totals = total_gradient(54, rows)
+    exact = [comb(54, r["length"]) * r["grad_norm_mean"] for r in rows]
+    assert [t["share"] for t in totals] == pytest.approx([e / sum(exact) for e in exact])
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(samples=0),
+        dict(lengths=[0, 3]),
+        dict(lengths=[55]),
+        dict(share=0.0),
+        dict(share=1.5),
+        dict(bn="batch"),
+        dict(engine="nope"),
+    ],
+)
+def test_bad_settings_rejected(bad):
+    with pytest.raises(ConfigError):
+        GradientPaths(**bad).validate(54)
+
+
+def test_good_settings_accepted():
+    assert GradientPaths(lengths=[54, 1]).validate(54) == [1, 54]
+    assert GradientPaths(share=1.0).validate(3) == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_end_to_end_quick_gradient_falls_with_length(trained, tmp_path):
+    ckpt = trained("resnet110") / "checkpoints" / "last.ckpt"
+    run_cli(
+        "experiment=gradient_paths",
+        "preset=quick",
+        "logger=csv",
+        "train=false",
+        f"ckpt_path={ckpt}",
+        "callbacks.gradient_paths.samples=8",
+        "callbacks.gradient_paths.batches=2",
+        f"hydra.run.dir={tmp_path}",
+    )
+    out = tmp_path / "analysis"
+    rows = read_csv(out / "gradient_paths.csv")
+    assert list(rows[0]) == ["length", "samples", "grad_norm_mean", "grad_norm_std"]
+    assert [int(r["length"]) for r in rows] == list(range(1, 55))
+    assert all(int(r["samples"]) == 8 for r in rows)
+    summary = json.loads((out / "summary.json").read_text())["gradient_paths"]
+    assert summary["decay_rate"] < 0
+    lo, hi = summary["effective_window"]
+    assert 1 <= lo <= hi <= 54 and summary["effective_window_share"] >= 0.9
+    exact = read_csv(out / "path_decomposition.csv")
+    assert len(exact) == 55 and float(exact[0]["grad_norm_exact"]) > 0
+    assert (out / "gradient_paths.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_cli_bad_length_is_one_line_error_before_training(tmp_path):
+    res = run_cli(
+        "experiment=gradient_paths",
+        "preset=quick",
+        "model=resnet20",
+        "logger=csv",
+        "callbacks.gradient_paths.lengths=[10]",
+        f"hydra.run.dir={tmp_path}",
+        check=False,
+    )
+    assert res.returncode != 0
+    assert res.stderr.strip().splitlines()[-1].startswith("error: lengths=[10]")
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
