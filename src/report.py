@@ -150,7 +150,10 @@ def plot(a: Analysis, data: dict[str, dict], out: Path) -> Path:
     for group, d in data.items():
         x, m, h = np.array(d["x"]), np.array(d["mean"]), np.nan_to_num(np.array(d["ci"]))
         (line,) = ax.plot(x, m, marker="o", ms=3, label=f"{group} (n={max(d['n'])})")
-        ax.fill_between(x, m - h, m + h, color=line.get_color(), alpha=0.25, linewidth=0)
+        lo, hi = m - h, m + h
+        if a.y == "error":  # an error rate's band stays within [0, 1]
+            lo, hi = np.clip(lo, 0, 1), np.clip(hi, 0, 1)
+        ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.25, linewidth=0)
     if a.name == "gradient_paths":
         ax.set_yscale("log")
     ax.set(xlabel=a.x, ylabel=a.y, title=a.title)
@@ -162,7 +165,7 @@ def fmt(mean: float, half: float, pct: bool = True) -> str:
     scale, unit = (100, "%") if pct else (1, "")
     if math.isnan(half):
         return f"{mean * scale:.2f}{unit}"
-    return f"{mean * scale:.2f}{unit} ± {half * scale:.2f}"
+    return f"{mean * scale:.2f}{unit} ± {half * scale:.2f}{' pp' if pct else ''}"
 
 
 def measured(a: Analysis, jobs: list[Job], swept: list[str], group: str, d: dict) -> str:
@@ -208,8 +211,8 @@ def report(sweep: Path, out: Path | None = None) -> Path:
         f"# Sweep report: {sweep.name}",
         "",
         f"{len(jobs)} finished jobs in `{sweep}`; swept: {', '.join(swept) or 'seed only'}. "
-        "Values are mean ± half-width of the t-based 95% confidence interval over seeds "
-        "(no interval with one seed).",
+        "Values are mean ± half-width of the t-based 95% confidence interval over seeds, in "
+        "percentage points for error rates (no interval with one seed).",
         "",
         "## Test error",
         "",

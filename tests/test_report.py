@@ -101,9 +101,9 @@ def test_report_cli_writes_figures_and_summary(tmp_path):
     assert "**Paper:**" in md and "Fig. 5b" not in md
     # test error of resnet110 over seeds 0..2: 7.00% ± t(0.975, 2) * 1% / sqrt(3)
     half = stats.t.ppf(0.975, 2) * 1.0 / math.sqrt(3)
-    assert f"| model=resnet110 | 3 | 7.00% ± {half:.2f} | 6.00% | 8.00% |" in md
+    assert f"| model=resnet110 | 3 | 7.00% ± {half:.2f} pp | 6.00% | 8.00% |" in md
     # delete_single: non-downsampling blocks are 2 pp above each job's own baseline
-    assert "(non-downsampling blocks): 2.00% ± 0.00" in md
+    assert "(non-downsampling blocks): 2.00% ± 0.00 pp" in md
     # gradient norm halves per block of path length
     assert "factor 0.500 per block" in md
 
