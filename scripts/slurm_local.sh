@@ -74,11 +74,29 @@ EOF
     rm "$CONF.new"
   else
     mv "$CONF.new" "$CONF"
+    if running slurmctld; then
+      scontrol reconfigure
+    fi
   fi
 }
 
+# Our daemons, found by their pid files (not by name).
+PIDFILE_slurmctld=/run/slurmctld.pid
+PIDFILE_slurmd=/run/slurmd.pid
+PIDFILE_munged=/run/munge/munged.pid
+
+pid_of() {
+  local file="PIDFILE_$1"
+  [ -s "${!file}" ] && cat "${!file}"
+}
+
+running() {
+  local pid
+  pid=$(pid_of "$1") && kill -0 "$pid" 2>/dev/null
+}
+
 start_munge() {
-  if pgrep -x munged >/dev/null; then
+  if running munged; then
     return
   fi
   [ -s /etc/munge/munge.key ] || mungekey --create --keyfile=/etc/munge/munge.key
@@ -98,8 +116,8 @@ start() {
   install_packages
   write_config
   start_munge
-  pgrep -x slurmctld >/dev/null || slurmctld
-  pgrep -x slurmd >/dev/null || slurmd
+  running slurmctld || slurmctld
+  running slurmd || slurmd
   local state=""
   for _ in $(seq 60); do
     state=$(node_state)
@@ -124,8 +142,8 @@ stop() {
   need_root
   local daemon
   for daemon in slurmd slurmctld munged; do
-    if pgrep -x "$daemon" >/dev/null; then
-      kill "$(pgrep -x "$daemon")"
+    if running "$daemon"; then
+      kill "$(pid_of "$daemon")"
     fi
   done
 }
