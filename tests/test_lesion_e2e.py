@@ -1,0 +1,171 @@
+"""End to end through the CLI (paper Sec. 4): lesion studies on quick-preset checkpoints, the
+one-command multiruns, and one-line errors for bad input. Thresholds: experiments/lesions.md."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from src.analysis.io import read_csv
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+# Measured with preset=quick (experiments/lesions.md): ResNet-110 median single-deletion increase
+# over non-downsampling blocks 0.000 (max 0.011), VGG-15 middle-layer deletions 0.64 ... 0.90
+# (chance is 0.90). The thresholds leave a wide margin on both sides of that contrast.
+RESNET_MEDIAN_INCREASE_MAX = 0.03
+VGG_DELETION_ERROR_MIN = 0.5
+
+
+def _lesion_cli(*overrides: str, check: bool = True):
+    return run_cli(*overrides, "logger=csv", "callbacks.progress_bar=null", check=check)
+
+
+def _ckpt(run_dir) -> str:
+    return str(run_dir / "checkpoints" / "last.ckpt")
+
+
+@pytest.fixture(scope="module")
+def delete_single_sweep(trained, tmp_path_factory):
+    """experiment=delete_single on the session's quick ResNet-110 and VGG-15 checkpoints."""
+    sweep = tmp_path_factory.mktemp("delete_single_sweep")
+    for model in ("resnet110", "vgg15"):
+        _lesion_cli(
+            "experiment=delete_single",
+            "preset=quick",
+            f"model={model}",
+            "train=false",
+            f"ckpt_path={_ckpt(trained(model))}",
+            f"hydra.sweep.dir={sweep}",
+            f"hydra.sweep.subdir={model}",
+        )
+    return sweep
+
+
+def _rows(run_dir, name):
+    return read_csv(run_dir / "analysis" / f"{name}.csv")
+
+
+def test_delete_single_shows_the_papers_contrast(delete_single_sweep):
+    res, vgg = delete_single_sweep / "resnet110", delete_single_sweep / "vgg15"
+    res_rows, vgg_rows = _rows(res, "delete_single"), _rows(vgg, "delete_single")
+    assert list(res_rows[0]) == ["block", "stage", "downsampling", "error"]
+    assert len(res_rows) == 54 and len(vgg_rows) == 13
+    assert [r["block"] for r in res_rows] == [str(i) for i in range(54)]
+    assert sum(r["downsampling"] == "True" for r in res_rows) == 2
+    res_summary = json.loads((res / "analysis" / "summary.json").read_text())
+    baseline = res_summary["baseline_error"]
+    metrics = json.loads((res / "metrics.json").read_text())
+    assert baseline == pytest.approx(metrics["test_error"], abs=1e-6)  # engine == trainer.test
+    increase = statistics.median(
+        float(r["error"]) - baseline for r in res_rows if r["downsampling"] == "False"
+    )
+    assert increase <= RESNET_MEDIAN_INCREASE_MAX
+    assert res_summary["delete_single"]["median_increase_nondownsampling"] == pytest.approx(
+        increase
+    )
+    vgg_baseline = json.loads((vgg / "analysis" / "summary.json").read_text())["baseline_error"]
+    assert vgg_baseline < 0.2  # VGG itself learned the task ...
+    assert min(float(r["error"]) for r in vgg_rows) >= VGG_DELETION_ERROR_MIN  # ... but breaks
+    for run in (res, vgg):
+        assert (run / "analysis" / "delete_single.png").stat().st_size > 10_000
+    assert (delete_single_sweep / "delete_single.png").stat().st_size > 10_000  # the overlay
+
+
+def test_delete_many_and_reorder_share_one_summary(trained, tmp_path):
+    _lesion_cli(
+        "experiment=delete_many",
+        "+lesion@callbacks.reorder=reorder",
+        "preset=quick",
+        "train=false",
+        f"ckpt_path={_ckpt(trained('resnet110'))}",
+        f"hydra.run.dir={tmp_path}",
+        "callbacks.delete_many.ks=[0,1,10,20]",
+        "callbacks.delete_many.trials=3",
+        "callbacks.reorder.swaps=[0,2,32]",
+        "callbacks.reorder.trials=3",
+        "callbacks.reorder.reuse=false",
+    )
+    summary = json.loads((tmp_path / "analysis" / "summary.json").read_text())
+    baseline = summary["baseline_error"]
+    many = _rows(tmp_path, "delete_many")
+    assert list(many[0]) == ["k", "trial", "deleted", "error"] and len(many) == 12
+    for r in many:
+        assert len(set(r["deleted"].split())) == int(r["k"])
+        if r["k"] == "0":
+            assert float(r["error"]) == pytest.approx(baseline)
+    per_k = summary["delete_many"]["per_k"]
+    assert per_k["20"]["mean"] > per_k["1"]["mean"]  # error grows with k (Fig. 5a)
+    reorder = _rows(tmp_path, "reorder")
+    assert list(reorder[0]) == ["swaps", "trial", "kendall_tau", "error"] and len(reorder) == 9
+    for r in reorder:
+        tau = float(r["kendall_tau"])
+        assert (tau == 1.0) == (r["swaps"] == "0")
+        if r["swaps"] == "0":
+            assert float(r["error"]) == pytest.approx(baseline)
+    for name in ("delete_many", "reorder"):
+        assert (tmp_path / "analysis" / f"{name}.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("experiment", ["delete_single", "stochastic_depth"])
+def test_one_command_runs_every_network_of_the_figure(experiment, tmp_path):
+    _lesion_cli(
+        f"experiment={experiment}",
+        "preset=quick",
+        "trainer.max_steps=2",
+        f"hydra.sweep.dir={tmp_path}",
+    )
+    runs = sorted(p.parent.parent for p in tmp_path.glob("*/analysis/delete_single.csv"))
+    assert len(runs) == 2
+    labels = {
+        json.loads((r / "analysis" / "summary.json").read_text())["delete_single"]["label"]
+        for r in runs
+    }
+    if experiment == "delete_single":
+        assert labels == {"resnet110, standard training", "vgg15, standard training"}
+        assert sorted(len(_rows(r, "delete_single")) for r in runs) == [13, 54]
+    else:
+        assert labels == {"resnet110, standard training", "resnet110, stochastic_depth training"}
+    assert (tmp_path / "delete_single.png").is_file()
+
+
+def test_imagenet_quick_keeps_resnet200_depth(tmp_path):
+    _lesion_cli(
+        "experiment=imagenet_delete_single",
+        "preset=quick",
+        "trainer.max_steps=2",
+        f"hydra.run.dir={tmp_path}",
+    )
+    rows = _rows(tmp_path, "delete_single")
+    assert len(rows) == 66
+    assert sorted({r["stage"] for r in rows}) == ["0", "1", "2", "3"]
+    assert sum(r["downsampling"] == "True" for r in rows) == 4
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["experiment=delete_many", "callbacks.delete_many.ks=[0,60]"], "at most 54"),
+        (["experiment=reorder", "callbacks.reorder.swaps=[1000]"], "at most 425"),
+        (
+            ["experiment=delete_single", "model=resnet110", "callbacks.delete_single.blocks=[54]"],
+            "0..53",
+        ),
+    ],
+)
+def test_bad_input_fails_in_one_line_before_training(overrides, message, tmp_path):
+    res = _lesion_cli(
+        *overrides,
+        "preset=quick",
+        f"hydra.run.dir={tmp_path}",
+        f"hydra.sweep.dir={tmp_path}",
+        check=False,
+    )
+    assert res.returncode != 0
+    lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and message in lines[-1], res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    assert not list(tmp_path.rglob("*.ckpt"))  # failed before any training step
