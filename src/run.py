@@ -205,7 +205,10 @@ def main(cfg: DictConfig) -> float | None:
         if "wandb" in sys.modules:
             import wandb
 
-            wandb.finish()
+            try:
+                wandb.finish()
+            except Exception as err:  # W&B's service is gone, e.g. killed by a Slurm requeue:
+                log.warning("could not close the W&B run: %r", err)  # don't mask the real exit
         leave_ddp()
 
 

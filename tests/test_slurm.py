@@ -3,7 +3,7 @@
 CI starts a single-node cluster with `scripts/slurm_local.sh start`; without `sinfo` on the PATH
 these tests are skipped. The requeue test also covers preemption: a job requeued by
 `scontrol requeue` resumes from its last.ckpt, and Lightning's own auto-requeue (SIGUSR1) saves an
-hpc checkpoint, requeues the job and resumes from it.
+hpc checkpoint, requeues the job and resumes from it; all attempts log to the job's one W&B run.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def _release(job_id: str, proc: subprocess.Popen) -> None:
 def test_requeued_job_resumes_from_its_checkpoints(tmp_path):
     sweep = tmp_path / "sweep"
     env = {**os.environ, "WANDB_SILENT": "true", "WANDB_MODE": "offline"}
-    cmd = [sys.executable, "-m", "src.run", "-m", *SMALL, "trainer.max_steps=300", "seed=0"]
+    cmd = [sys.executable, "-m", "src.run", "-m", *SMALL, "logger=wandb", "trainer.max_steps=120"]
     out = tmp_path / "sweep.log"
     job_id = None
     with open(out, "w") as sink:
@@ -162,13 +162,17 @@ def test_requeued_job_resumes_from_its_checkpoints(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-            if job_id is not None:
-                subprocess.run(["scancel", job_id], capture_output=True)
+        if job_id is not None:  # never leave the job behind (no-op once it has finished)
+            subprocess.run(["scancel", job_id], capture_output=True)
     assert proc.returncode == 0, out.read_text()[-3000:]
 
     log = run_log.read_text()
     assert f"resuming from {run / 'hpc_ckpt_1.ckpt'}" in log
-    assert json.loads((run / "metrics.json").read_text())["global_step"] == 300
+    assert json.loads((run / "metrics.json").read_text())["global_step"] == 120
+    # all three attempts logged to the job's one W&B run (an offline folder per attempt)
+    run_id = (run / "checkpoints" / "wandb_id").read_text().strip()
+    attempts = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(attempts) == 3 and all(a.name.endswith(f"-{run_id}") for a in attempts)
     err = _job_logs(sweep)
     # exactly one mechanism requeued: Lightning, once (on USR1); submitit never caught a signal
     assert err.count("Handling auto-requeue signal") == 1
