@@ -19,6 +19,7 @@ def load_benchmark():
     return module
 
 
+@pytest.mark.slow
 def test_cpu_smoke_run_reports_throughput_and_recipe_time(tmp_path, capsys):
     bench = load_benchmark()
     out = tmp_path / "result.json"

@@ -86,6 +86,7 @@ def test_plot_draws_a_band_per_curve(tmp_path, monkeypatch):
     assert len(ax.lines) == 2 and len(ax.collections) == 2  # a line and a filled CI band each
 
 
+@pytest.mark.slow
 def test_report_cli_writes_figures_and_summary(tmp_path):
     sweep = fake_sweep(tmp_path / "sweep")
     run_cli(str(sweep), module="src.report", timeout=300)
