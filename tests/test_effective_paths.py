@@ -1,0 +1,91 @@
+"""Effective-path training report (paper Sec. 5): arms from run configs, scipy.stats tests."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from omegaconf import OmegaConf
+from scipy import stats
+
+from src.analysis.effective_paths import FULL, compare, load_runs, main, report
+from src.errors import ConfigError
+from tests.conftest import run_cli
+
+MODEL = {"_target_": "src.models.preact_resnet_cifar", "blocks_per_stage": 3}
+
+
+def fake_sweep(root, errors: dict[str, list[float]], k_full: bool = False):
+    """A multirun dir: one job per (arm, seed) with .hydra/config.yaml and metrics.json."""
+    job = 0
+    for arm, errs in errors.items():
+        for seed, err in enumerate(errs):
+            if arm == "subset":
+                training = {"_target_": "src.training.BlockSubset", "k": 4, "test_mode": "full"}
+            elif k_full:
+                training = {"_target_": "src.training.BlockSubset", "k": 9, "test_mode": "full"}
+            else:
+                training = {"_target_": "src.training.Standard"}
+            d = root / str(job)
+            (d / ".hydra").mkdir(parents=True)
+            cfg = {"model": MODEL, "training": training, "seed": seed}
+            OmegaConf.save(OmegaConf.create(cfg), d / ".hydra" / "config.yaml")
+            (d / "metrics.json").write_text(json.dumps({"test_error": err, "global_step": 400}))
+            job += 1
+    return root
+
+
+@pytest.mark.parametrize("k_full", [False, True])
+def test_report_compares_arms(tmp_path, k_full):
+    sub, full = [0.10, 0.12, 0.11, 0.13], [0.08, 0.09, 0.085, 0.095]
+    fake_sweep(tmp_path, {"subset": sub, "full": full}, k_full)
+    runs = load_runs(tmp_path)
+    assert sorted({r["arm"] for r in runs}) == ["full", "k=4/9"]
+    res = report(tmp_path)
+    assert res["welch_t"]["p_value"] == pytest.approx(
+        stats.ttest_ind(sub, full, equal_var=False).pvalue
+    )
+    assert res["paired_t"]["p_value"] == pytest.approx(stats.ttest_rel(sub, full).pvalue)
+    assert res["difference_subset_minus_full"] == pytest.approx(sum(sub) / 4 - sum(full) / 4)
+    assert res["significant"] and res["same_step_budget"]
+    for ext in ("json", "md", "png"):
+        assert (tmp_path / f"effective_paths.{ext}").stat().st_size > 0
+    assert "Welch" in (tmp_path / "effective_paths.md").read_text()
+
+
+def test_identical_arms_are_not_significant(tmp_path):
+    fake_sweep(tmp_path, {"subset": [0.1, 0.2, 0.15], "full": [0.2, 0.1, 0.15]})
+    res = compare(load_runs(tmp_path))
+    assert not res["significant"] and res["arms"][FULL]["runs"] == 3
+
+
+def test_bad_sweeps(tmp_path):
+    fake_sweep(tmp_path / "one", {"subset": [0.1, 0.2]})
+    with pytest.raises(ConfigError):
+        report(tmp_path / "one")
+    fake_sweep(tmp_path / "few", {"subset": [0.1], "full": [0.2]})
+    with pytest.raises(ConfigError):
+        report(tmp_path / "few")
+    assert main([str(tmp_path / "missing")]) == 2
+    assert main([]) == 2
+
+
+@pytest.mark.slow
+def test_end_to_end_quick_multirun(tmp_path):
+    res = run_cli(
+        "-m",
+        "experiment=effective_paths",
+        "preset=quick",
+        "logger=csv",
+        "trainer.max_steps=6",
+        "+trainer.limit_val_batches=1",
+        "callbacks.progress_bar=null",
+        "seed=0,1",  # overrides the sweeper's seed list
+        f"hydra.sweep.dir={tmp_path}",
+    )
+    out = json.loads((tmp_path / "effective_paths.json").read_text())
+    assert sorted(out["arms"]) == ["full", "k=4/9"]
+    assert all(s["runs"] == 2 for s in out["arms"].values()) and out["steps"] == [6]
+    assert "effective paths:" in res.stdout
+    cli = run_cli(str(tmp_path), module="src.analysis.effective_paths")
+    assert "Welch" in cli.stdout
