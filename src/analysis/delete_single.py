@@ -144,7 +144,7 @@ def plot(run_dirs: list[Path]):
     ax.set_ylabel("test error")
     ax.set_ylim(0, 1)
     ax.set_title("Deleting individual blocks at test time (Veit et al. Figs 3, 4, 8)")
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="center right")
     ax.grid(alpha=0.3)
     return fig
 
