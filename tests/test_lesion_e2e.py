@@ -171,3 +171,19 @@ def test_bad_input_fails_in_one_line_before_training(overrides, message, tmp_pat
     assert lines[-1].startswith("error: ") and message in lines[-1], res.stderr[-2000:]
     assert "Traceback" not in res.stderr
     assert not list(tmp_path.rglob("*.ckpt"))  # failed before any training step
+
+
+def test_checkpoint_of_another_architecture_is_a_one_line_error(trained, tmp_path):
+    res = _lesion_cli(
+        "experiment=delete_single",
+        "preset=quick",
+        "model=vgg15",
+        "train=false",
+        f"ckpt_path={_ckpt(trained('resnet110'))}",
+        f"hydra.sweep.dir={tmp_path}",
+        check=False,
+    )
+    assert res.returncode != 0
+    lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and "different architecture" in lines[-1]
+    assert not list(tmp_path.rglob("delete_single.csv"))
