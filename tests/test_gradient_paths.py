@@ -137,6 +137,7 @@ def test_summaries_recover_a_known_decay():
         dict(share=1.5),
         dict(bn="batch"),
         dict(engine="nope"),
+        dict(dtype="float16"),
     ],
 )
 def test_bad_settings_rejected(bad):

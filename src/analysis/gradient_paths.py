@@ -201,16 +201,19 @@ def path_grad_norms(
 ) -> Tensor:
     """Norm of each path's gradient on the batch (x, y), by the chosen engine, in path order."""
     if engine == "straightforward":
-        return torch.stack([straightforward_path_grad(net, x, y, p, wrt).norm() for p in paths])
+        return torch.stack(
+            [straightforward_path_grad(net, x, y, p, wrt).double().norm() for p in paths]
+        )
     if engine != "fast":
         raise ConfigError(f"engine={engine!r}: choose 'fast' or 'straightforward'")
     vjps = BlockVJPs(net, x, y, wrt)
     n = vjps.n_blocks
     order = sorted(range(len(paths)), key=lambda j: [i in paths[j] for i in reversed(range(n))])
-    norms = torch.empty(len(paths), dtype=x.dtype)
+    norms = torch.empty(len(paths), dtype=torch.float64)
     for c in range(0, len(paths), chunk):
         idx = order[c : c + chunk]
-        norms[idx] = vjps.path_grads([paths[j] for j in idx]).flatten(1).norm(dim=1).cpu()
+        grads = vjps.path_grads([paths[j] for j in idx]).flatten(1)
+        norms[idx] = grads.double().norm(dim=1).cpu()  # squares of tiny float32s underflow
     return norms
 
 
@@ -292,11 +295,12 @@ class GradientPaths(AnalysisCallback):
         chunk: int = 128,
         decomposition: bool = True,
         seed: int = 0,
+        dtype: str = "float64",
     ):
         self.samples, self.batches, self.chunk, self.seed = samples, batches, chunk, seed
         self.lengths = None if lengths is None else sorted({int(k) for k in lengths})
         self.split, self.bn, self.wrt, self.share, self.engine = split, bn, wrt, share, engine
-        self.decomposition = decomposition
+        self.decomposition, self.dtype = decomposition, dtype
 
     def validate(self, n: int) -> list[int]:
         """Raise ConfigError on bad settings; return the lengths to sample for n blocks.
@@ -314,6 +318,8 @@ class GradientPaths(AnalysisCallback):
                 f"bn={self.bn!r}, wrt={self.wrt!r}, engine={self.engine!r}: choose bn in "
                 f"{BN_MODES}, wrt in {WRT}, engine in {tuple(ENGINES)}"
             )
+        if self.dtype not in ("float32", "float64"):
+            raise ConfigError(f"dtype={self.dtype!r}: choose float64 (default) or float32")
         if self.split not in ("train", "val", "test"):
             raise ConfigError(f"split={self.split!r}: choose train, val or test")
         lengths = list(range(1, n + 1)) if self.lengths is None else self.lengths
@@ -334,13 +340,15 @@ class GradientPaths(AnalysisCallback):
         net = pl_module.net
         n, lengths = net.n_blocks, self.validate(net.n_blocks)
         was_training = net.training
-        measured = prepared(net, self.bn)
+        dtype = getattr(torch, self.dtype)  # float64: long paths' norms (~1e-40) stay representable
+        measured = prepared(net, self.bn, dtype)
         gen = torch.Generator().manual_seed(int(self.seed))
         sampled = sample_paths(n, lengths, int(self.samples), gen)
         data = batches(trainer.datamodule, self.split, pl_module.device, train=False)
         held = [xy for _, xy in zip(range(int(self.batches)), data)]  # fewer if the split is small
         norms = torch.empty(len(sampled), dtype=torch.float64)
         for b, (x, y) in enumerate(held):
+            x = x.to(dtype)
             idx = list(range(b, len(sampled), len(held)))
             paths = [sampled[j][1] for j in idx]
             got = path_grad_norms(measured, x, y, paths, self.wrt, self.engine, int(self.chunk))
@@ -357,6 +365,7 @@ class GradientPaths(AnalysisCallback):
             "bn": self.bn,
             "wrt": self.wrt,
             "engine": self.engine,
+            "dtype": self.dtype,
             **fit,
             "share": self.share,
             "effective_window": [rows[lo]["length"], rows[hi]["length"]],
@@ -371,7 +380,7 @@ class GradientPaths(AnalysisCallback):
         write_csv(out / "gradient_paths.csv", rows, columns)
         exact = None
         if self.decomposition:
-            exact = self._decompose(measured, *held[0], rows, out)
+            exact = self._decompose(measured, held[0][0].to(dtype), held[0][1], rows, out)
             summary.update(exact["summary"])
         update_json(out / "summary.json", {"gradient_paths": summary})
         fig = plot(n, rows, fit, totals, (lo, hi), exact and exact["rows"])
