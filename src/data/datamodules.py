@@ -11,7 +11,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from src.data.augment import normalize, random_crop_flip
 from src.errors import ConfigError
@@ -21,8 +21,19 @@ class DataUnavailable(RuntimeError):
     """A dataset is neither on disk nor downloadable; the message names the fix."""
 
 
-def batches(datamodule: L.LightningDataModule, split: str = "test", device="cpu",
-            train: bool = False):
+def _unrepeated_sampler(dataset) -> DistributedSampler | None:
+    """Under DDP, split an evaluation set across ranks without padding it: Lightning's default
+    sampler repeats images to equalise the ranks, which would count them twice in test error."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+    return UnrepeatedDistributedSampler(dataset, shuffle=False)
+
+
+def batches(
+    datamodule: L.LightningDataModule, split: str = "test", device="cpu", train: bool = False
+):
     """Yield ready (x, y) batches of a split outside the Trainer loop (for analyses): moved to
     `device` and passed through the data module's batch transform (augmentation iff `train`)."""
     if hasattr(datamodule, "setup"):
@@ -43,8 +54,14 @@ class TensorDataModule(L.LightningDataModule):
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
-    def __init__(self, batch_size: int = 128, eval_batch_size: int | None = None,
-                 num_workers: int = 0, augment: bool = False, padding: int = 4):
+    def __init__(
+        self,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        augment: bool = False,
+        padding: int = 4,
+    ):
         super().__init__()
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
             raise ConfigError(f"data.batch_size must be positive, got {batch_size}")
@@ -62,6 +79,7 @@ class TensorDataModule(L.LightningDataModule):
             self.splits[split],
             batch_size=self.batch_size if train else self.eval_batch_size,
             shuffle=train,
+            sampler=None if train else _unrepeated_sampler(self.splits[split]),
             drop_last=train and len(self.splits[split]) > self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -97,12 +115,17 @@ class DigitsDataModule(TensorDataModule):
     channels, num_classes, scale = 1, 10, 16.0
     mean, std = (0.3,), (0.38,)
 
-    def __init__(self, test_fraction: float = 0.2, val_fraction: float = 0.1, split_seed: int = 0,
-                 **kwargs):
+    def __init__(
+        self, test_fraction: float = 0.2, val_fraction: float = 0.1, split_seed: int = 0, **kwargs
+    ):
         super().__init__(**kwargs)
         if not 0 < test_fraction < 1 or not 0 <= val_fraction < 1:
             raise ConfigError("data.test_fraction and data.val_fraction must lie in (0, 1)")
-        self.test_fraction, self.val_fraction, self.split_seed = test_fraction, val_fraction, split_seed
+        self.test_fraction, self.val_fraction, self.split_seed = (
+            test_fraction,
+            val_fraction,
+            split_seed,
+        )
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -115,8 +138,11 @@ class DigitsDataModule(TensorDataModule):
         perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.split_seed))
         n_test = int(len(y) * self.test_fraction)
         n_val = int(len(y) * self.val_fraction)
-        parts = {"test": perm[:n_test], "val": perm[n_test : n_test + n_val],
-                 "train": perm[n_test + n_val :]}
+        parts = {
+            "test": perm[:n_test],
+            "val": perm[n_test : n_test + n_val],
+            "train": perm[n_test + n_val :],
+        }
         if n_val == 0:
             parts["val"] = parts["test"]
         self.splits = {k: TensorDataset(x[i], y[i]) for k, i in parts.items()}
@@ -127,14 +153,28 @@ class SyntheticDataModule(TensorDataModule):
 
     scale = 1.0
 
-    def __init__(self, shape: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10,
-                 n_train: int = 512, n_test: int = 256, seed: int = 0, **kwargs):
+    def __init__(
+        self,
+        shape: tuple[int, int, int] = (3, 32, 32),
+        num_classes: int = 10,
+        n_train: int = 512,
+        n_test: int = 256,
+        seed: int = 0,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         shape = tuple(shape)
         if len(shape) != 3 or min(shape) < 1 or num_classes < 1 or min(n_train, n_test) < 1:
-            raise ConfigError("data.shape must be 3 positive ints (C, H, W); sizes must be positive")
+            raise ConfigError(
+                "data.shape must be 3 positive ints (C, H, W); sizes must be positive"
+            )
         self.shape, self.num_classes, self.n_train, self.n_test, self.seed = (
-            shape, num_classes, n_train, n_test, seed)
+            shape,
+            num_classes,
+            n_train,
+            n_test,
+            seed,
+        )
         self.channels = shape[0]
         self.mean, self.std = (0.0,) * shape[0], (1.0,) * shape[0]
 
@@ -144,8 +184,10 @@ class SyntheticDataModule(TensorDataModule):
         g = torch.Generator().manual_seed(self.seed)
 
         def make(n):
-            return TensorDataset(torch.randn(n, *self.shape, generator=g),
-                                 torch.randint(0, self.num_classes, (n,), generator=g))
+            return TensorDataset(
+                torch.randn(n, *self.shape, generator=g),
+                torch.randint(0, self.num_classes, (n,), generator=g),
+            )
 
         train, test = make(self.n_train), make(self.n_test)
         self.splits = {"train": train, "val": test, "test": test}
@@ -165,8 +207,15 @@ class CIFARDataModule(TensorDataModule):
         100: ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     }
 
-    def __init__(self, num_classes: int = 10, data_dir: str = "data", download: bool = True,
-                 val_size: int = 0, augment: bool = True, **kwargs):
+    def __init__(
+        self,
+        num_classes: int = 10,
+        data_dir: str = "data",
+        download: bool = True,
+        val_size: int = 0,
+        augment: bool = True,
+        **kwargs,
+    ):
         super().__init__(augment=augment, **kwargs)
         if num_classes not in self.STATS:
             raise ConfigError(f"CIFAR has 10 or 100 classes, got {num_classes}")
@@ -177,7 +226,11 @@ class CIFARDataModule(TensorDataModule):
     def _dataset(self, train: bool, download: bool):
         import torchvision
 
-        cls = torchvision.datasets.CIFAR10 if self.num_classes == 10 else torchvision.datasets.CIFAR100
+        cls = (
+            torchvision.datasets.CIFAR10
+            if self.num_classes == 10
+            else torchvision.datasets.CIFAR100
+        )
         try:
             return cls(str(self.data_dir), train=train, download=download)
         except Exception as err:  # URLError, RuntimeError("Dataset not found"), OSError ...
@@ -205,8 +258,11 @@ class CIFARDataModule(TensorDataModule):
         if self.val_size > 0:
             perm = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(0))
             v, t = perm[: self.val_size], perm[self.val_size :]
-            self.splits = {"train": TensorDataset(xtr[t], ytr[t]),
-                           "val": TensorDataset(xtr[v], ytr[v]), "test": test}
+            self.splits = {
+                "train": TensorDataset(xtr[t], ytr[t]),
+                "val": TensorDataset(xtr[v], ytr[v]),
+                "test": test,
+            }
         else:
             self.splits = {"train": TensorDataset(xtr, ytr), "val": test, "test": test}
 
@@ -216,8 +272,14 @@ class ImageNetDataModule(L.LightningDataModule):
 
     channels, num_classes = 3, 1000
 
-    def __init__(self, data_dir: str = "", batch_size: int = 256, eval_batch_size: int | None = None,
-                 num_workers: int = 8, image_size: int = 224):
+    def __init__(
+        self,
+        data_dir: str = "",
+        batch_size: int = 256,
+        eval_batch_size: int | None = None,
+        num_workers: int = 8,
+        image_size: int = 224,
+    ):
         super().__init__()
         self.data_dir = Path(data_dir).expanduser() if data_dir else None
         self.batch_size, self.num_workers, self.image_size = batch_size, num_workers, image_size
@@ -235,17 +297,30 @@ class ImageNetDataModule(L.LightningDataModule):
             )
         norm = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
         if split == "train":
-            tf = T.Compose([T.RandomResizedCrop(self.image_size), T.RandomHorizontalFlip(),
-                            T.ToTensor(), norm])
+            tf = T.Compose(
+                [T.RandomResizedCrop(self.image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm]
+            )
         else:
-            tf = T.Compose([T.Resize(int(self.image_size * 8 / 7)), T.CenterCrop(self.image_size),
-                            T.ToTensor(), norm])
+            tf = T.Compose(
+                [
+                    T.Resize(int(self.image_size * 8 / 7)),
+                    T.CenterCrop(self.image_size),
+                    T.ToTensor(),
+                    norm,
+                ]
+            )
         return ImageFolder(str(path), tf)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
-        return DataLoader(self._folder(split), batch_size=self.batch_size if train else
-                          self.eval_batch_size, shuffle=train, num_workers=self.num_workers,
-                          pin_memory=True, drop_last=train, persistent_workers=self.num_workers > 0)
+        return DataLoader(
+            self._folder(split),
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            num_workers=self.num_workers,
+            pin_memory=True,
+            drop_last=train,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)

@@ -51,9 +51,13 @@ class TorchvisionBlock(Block):
 
 
 def torchvision_resnet(
-    arch: str = "resnet50", num_classes: int = 1000, weights: str | None = None
+    arch: str = "resnet50",
+    num_classes: int = 1000,
+    weights: str | None = None,
+    in_channels: int = 3,
 ) -> Network:
-    """Build `arch` and optionally load a local state-dict file (no download happens here)."""
+    """Build `arch` and optionally load a local state-dict file (no download happens here).
+    `in_channels` other than 3 gets a fresh first convolution (e.g. 1-channel digits)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown torchvision arch {arch!r}: choose one of {', '.join(ARCHS)}")
     tv = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
@@ -64,6 +68,8 @@ def torchvision_resnet(
                 f"weights file {path} not found: pass model.weights=<path to a {arch} state dict>"
             )
         tv.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    if in_channels != 3:
+        tv.conv1 = nn.Conv2d(in_channels, tv.conv1.out_channels, 7, 2, 3, bias=False)
     stem = nn.Sequential(tv.conv1, tv.bn1, tv.relu, tv.maxpool)
     blocks = [
         TorchvisionBlock(b, stage)
