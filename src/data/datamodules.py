@@ -35,10 +35,19 @@ def batches(
     datamodule: L.LightningDataModule, split: str = "test", device="cpu", train: bool = False
 ):
     """Yield ready (x, y) batches of a split outside the Trainer loop (for analyses): moved to
-    `device` and passed through the data module's batch transform (augmentation iff `train`)."""
+    `device` and passed through the data module's batch transform (augmentation iff `train`).
+    The whole split, also under DDP: a rank-sharded evaluation loader is read unsharded."""
     if hasattr(datamodule, "setup"):
         datamodule.setup("test")
-    for x, y in getattr(datamodule, f"{split}_dataloader")():
+    loader = getattr(datamodule, f"{split}_dataloader")()
+    if isinstance(loader.sampler, DistributedSampler):
+        loader = DataLoader(
+            loader.dataset,
+            batch_size=loader.batch_size,
+            shuffle=False,
+            num_workers=loader.num_workers,
+        )
+    for x, y in loader:
         x, y = x.to(device), y.to(device)
         if isinstance(datamodule, TensorDataModule):
             x = datamodule.transform(x, train)
