@@ -101,7 +101,9 @@ def test_tasks_write_csvs(tmp_path):
 
 @pytest.mark.slow
 def test_cli_task_and_one_line_error(tmp_path):
-    run_cli("experiment=path_lengths", "task.n_blocks=20", f"hydra.run.dir={tmp_path / 'a'}")
+    run_cli(
+        "experiment=path_lengths", "task.n_blocks=20", "task.k=5", f"hydra.run.dir={tmp_path / 'a'}"
+    )
     assert (tmp_path / "a" / "analysis" / "path_lengths.png").exists()
     res = run_cli(
         "experiment=remaining_paths", "task.deleted=[60]", f"hydra.run.dir={tmp_path}", check=False
