@@ -159,15 +159,15 @@ def test_end_to_end_quick_gradient_falls_with_length(trained, tmp_path):
         "logger=csv",
         "train=false",
         f"ckpt_path={ckpt}",
-        "callbacks.gradient_paths.samples=8",
-        "callbacks.gradient_paths.batches=2",
+        "callbacks.gradient_paths.samples=3",
+        "callbacks.gradient_paths.batches=1",
         f"hydra.run.dir={tmp_path}",
     )
     out = tmp_path / "analysis"
     rows = read_csv(out / "gradient_paths.csv")
     assert list(rows[0]) == ["length", "samples", "grad_norm_mean", "grad_norm_std"]
     assert [int(r["length"]) for r in rows] == list(range(1, 55))
-    assert all(int(r["samples"]) == 8 for r in rows)
+    assert all(int(r["samples"]) == 3 for r in rows)
     summary = json.loads((out / "summary.json").read_text())["gradient_paths"]
     assert summary["decay_rate"] < 0
     lo, hi = summary["effective_window"]
