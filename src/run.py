@@ -17,6 +17,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, read_write
@@ -27,6 +28,7 @@ from src.errors import ConfigError
 from src.module import Classifier
 
 log = logging.getLogger("src.run")
+USER_ERRORS = (ConfigError, DataUnavailable, FileNotFoundError)
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 # A per-process random suffix keeps run directories unique when many jobs start in one second.
@@ -197,8 +199,13 @@ def check_choices(argv: list[str]) -> None:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     try:
-        return train(cfg).get("test_error")
-    except (ConfigError, DataUnavailable, FileNotFoundError) as err:
+        try:
+            return train(cfg).get("test_error")
+        except InstantiationException as err:  # a bad value caught by a constructor
+            if isinstance(err.__cause__, USER_ERRORS):
+                raise err.__cause__ from None
+            raise
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     finally:

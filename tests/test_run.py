@@ -64,22 +64,6 @@ def test_bad_input_gets_one_line_error_and_nonzero_exit(tmp_path):
 
 
 @pytest.mark.slow
-def test_checkpoint_of_another_architecture_is_refused(tmp_path):
-    run_cli(*TINY, "logger=csv", "trainer.max_steps=2", f"hydra.run.dir={tmp_path}")
-    res = run_cli(
-        "preset=quick",
-        "model=vgg15",
-        "train=false",
-        "logger=csv",
-        f"ckpt_path={tmp_path}/checkpoints/last.ckpt",
-        f"hydra.run.dir={tmp_path}/v",
-        check=False,
-    )
-    assert res.returncode == 2
-    assert "different architecture" in last_line(res.stderr)
-
-
-@pytest.mark.slow
 def test_killed_run_resumes_from_last_checkpoint(tmp_path):
     args = [*TINY, "trainer.max_steps=120", "logger=csv", f"hydra.run.dir={tmp_path}"]
     proc = subprocess.Popen(
