@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import signal
 import sys
 from pathlib import Path
 
@@ -196,8 +197,27 @@ def check_choices(argv: list[str]) -> None:
                 raise ConfigError(f"unknown {key} {choice!r}: choose one of {', '.join(options)}")
 
 
+SIGTERMED = {"received": False}
+
+
+def watch_sigterm() -> None:
+    """Under Slurm, note a SIGTERM (requeue or preemption) and pass it on to the handler already
+    installed (submitit's); Lightning later chains its own handlers in front of this one."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def note(signum, frame):
+        SIGTERMED["received"] = True
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, note)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    watch_sigterm()
     try:
         try:
             return train(cfg).get("test_error")
@@ -208,6 +228,14 @@ def main(cfg: DictConfig) -> float | None:
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Exception:
+        if SIGTERMED["received"]:
+            # Slurm is requeueing this job and its SIGTERM broke something on the way (e.g. it
+            # killed W&B's service): report no result, so the requeued job runs and reports.
+            log.warning("failed after SIGTERM under Slurm; exiting for the requeued job to resume")
+            logging.shutdown()
+            os._exit(143)
+        raise
     finally:
         if "wandb" in sys.modules:
             import wandb
