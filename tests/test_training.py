@@ -83,6 +83,20 @@ def test_paper_lr_schedule():
     assert 0.1 * s(48000) == pytest.approx(0.001)
 
 
+def quiet_trainer(root, **kwargs) -> L.Trainer:
+    """A CPU Trainer without logger, checkpoints, progress bar or sanity checks."""
+    return L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        num_sanity_val_steps=0,
+        **kwargs,
+    )
+
+
 @pytest.mark.parametrize("mode", [Standard(), StochasticDepth(), BlockSubset(k=2)])
 def test_a_training_step_through_lightning_lowers_the_loss(mode, tmp_path):
     L.seed_everything(0)
@@ -90,16 +104,7 @@ def test_a_training_step_through_lightning_lowers_the_loss(mode, tmp_path):
 
     dm = SyntheticDataModule(shape=(1, 8, 8), n_train=64, n_test=32, batch_size=32)
     module = Classifier(preact_resnet_cifar(1, in_channels=1), mode=mode, warmup_steps=0, lr=0.05)
-    trainer = L.Trainer(
-        max_steps=12,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(tmp_path, max_steps=12)
     trainer.fit(module, dm)
     assert trainer.global_step == 12
     assert trainer.callback_metrics["train/loss"] < 2.3  # ln(10): better than chance
@@ -111,17 +116,7 @@ def test_same_seed_same_weights(tmp_path):
     def fit_once():
         L.seed_everything(0, workers=True)
         module = Classifier(preact_resnet_cifar(1, in_channels=1), mode=BlockSubset(k=2))
-        trainer = L.Trainer(
-            max_steps=5,
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=tmp_path,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-        )
+        trainer = quiet_trainer(tmp_path, max_steps=5, limit_val_batches=0)
         trainer.fit(module, DigitsDataModule(batch_size=32))
         return torch.cat([p.detach().flatten() for p in module.parameters()])
 
