@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,7 +21,9 @@ import torchvision.transforms as T
 import torchvision.transforms.v2 as T2
 from PIL import Image
 
-from src.data.augment import normalize, random_crop_flip
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from src.data.augment import normalize, random_crop_flip  # noqa: E402
 
 MEAN, STD = torch.tensor((0.4914, 0.4822, 0.4465)), torch.tensor((0.2470, 0.2435, 0.2616))
 

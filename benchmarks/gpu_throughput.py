@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from src.data.augment import normalize, random_crop_flip
-from src.models import preact_resnet_cifar
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from src.data.augment import normalize, random_crop_flip  # noqa: E402
+from src.models import preact_resnet_cifar  # noqa: E402
 
 RECIPE_STEPS, RECIPE_BATCH = 64_000, 128  # ~164 epochs of CIFAR-10's 50k training images
 MEAN, STD = torch.tensor((0.4914, 0.4822, 0.4465)), torch.tensor((0.2470, 0.2435, 0.2616))

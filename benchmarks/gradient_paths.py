@@ -12,12 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from src.analysis.gradient_paths import fast_path_grads, sample_paths, straightforward_path_grads
-from src.models.preact_resnet import preact_resnet_cifar
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from src.analysis.gradient_paths import fast_path_grads, sample_paths, straightforward_path_grads  # noqa: E402
+from src.models.preact_resnet import preact_resnet_cifar  # noqa: E402
 
 
 def main() -> None:

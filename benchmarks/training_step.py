@@ -12,15 +12,19 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from src.models import preact_resnet_cifar
-from src.module import Classifier
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from src.models import preact_resnet_cifar  # noqa: E402
+from src.module import Classifier  # noqa: E402
 
 
 class StepTimer(L.Callback):
