@@ -1,8 +1,10 @@
 """Gradient per path length (paper Sec. 5, Figs 6b/6c): the fast engine equals the straightforward
-autograd method, paths sum to the full gradient, summaries, bad input, and end to end."""
+autograd method, paths sum to the full gradient, the trained network's eval plan is what gets
+measured, summaries, bad input, and end to end."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
@@ -11,11 +13,13 @@ from math import comb
 import pytest
 import torch
 
+from src.analysis.delete_single import DeleteSingle
 from src.analysis.gradient_paths import (
     BlockVJPs,
     GradientPaths,
     fast_path_grads,
     fit_decay,
+    gated_grad,
     length_stats,
     path_grad_norms,
     prepared,
@@ -23,11 +27,18 @@ from src.analysis.gradient_paths import (
     straightforward_path_grads,
     total_gradient,
 )
-from src.analysis.io import read_csv
+from src.analysis.io import AnalysisCallback, read_csv
+from src.analysis.path_decomposition import propagate
+from src.data import SyntheticDataModule, batches
 from src.errors import ConfigError
+from src.models import FULL, Plan
 from src.models.preact_resnet import preact_resnet_cifar
 from src.models.torchvision_resnet import torchvision_resnet
+from src.models.vgg import vgg15
+from src.module import Classifier
+from src.training import BlockSubset
 from tests.conftest import run_cli
+from tests.test_training import quiet_trainer
 
 
 def _randomise_bn(net):
@@ -109,6 +120,43 @@ def test_norms_in_path_order_and_engines_agree():
     assert BlockVJPs(net, x, y).bypass[1] is None and BlockVJPs(net, x, y).bypass[2] is not None
 
 
+def rescaled_by_hand(net, scale: float):
+    """What `Plan(residual_scale=scale)` runs, written out as weights: a copy whose residual
+    branches end in their (bias-free) last convolution times `scale`."""
+    net = copy.deepcopy(net)
+    with torch.no_grad():
+        for block in net.blocks:
+            block.layers[-1].weight.mul_(scale)
+    return net
+
+
+RESCALE = BlockSubset(k=3, test_mode="rescale")  # tested with residual branches x 3/6
+
+
+@pytest.mark.parametrize("engine", ["fast", "straightforward"])
+def test_path_gradients_are_those_of_the_rescaled_network(engine):
+    net, (x, y) = tiny(), batch()
+    plan = RESCALE.eval_plan(net.n_blocks)
+    paths = [frozenset({5}), frozenset({0, 2, 3}), frozenset(range(6)), frozenset()]
+    got = path_grad_norms(net, x, y, paths, engine=engine, plan=plan)
+    want = path_grad_norms(rescaled_by_hand(net, 0.5), x, y, paths, engine="straightforward")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    full = path_grad_norms(net, x, y, paths, engine=engine)
+    assert (got[:3] < 0.6 * full[:3]).all()  # entering a branch scaled by 0.5 shrinks a path
+
+
+def test_fast_equals_straightforward_under_deletions_and_reordering():
+    net, (x, y) = tiny(), batch()
+    assert [b.downsampling for b in net.blocks] == [False, False, True, False, True, False]
+    plan = Plan(order=(1, 0, 2, 3, 4, 5), deleted=frozenset({4}), residual_scale=0.7)
+    paths = [frozenset({1}), frozenset({2, 4, 5}), frozenset({4}), frozenset(), frozenset(range(6))]
+    fast = fast_path_grads(net, x, y, paths, chunk=3, plan=plan)
+    torch.testing.assert_close(fast, straightforward_path_grads(net, x, y, paths, plan=plan))
+    # block 4 is deleted (its projection shortcut kept): a path cannot enter its residual branch
+    torch.testing.assert_close(fast[2], fast[3])
+    assert not torch.allclose(fast, fast_path_grads(net, x, y, paths, chunk=3))
+
+
 def test_sampled_paths_have_the_requested_lengths():
     sampled = sample_paths(54, [1, 23, 54], 5, torch.Generator().manual_seed(0))
     assert [len(p) for _, p in sampled] == [k for k, _ in sampled] == [1] * 5 + [23] * 5 + [54] * 5
@@ -148,6 +196,73 @@ def test_bad_settings_rejected(bad):
 def test_good_settings_accepted():
     assert GradientPaths(lengths=[54, 1]).validate(54) == [1, 54]
     assert GradientPaths(share=1.0).validate(3) == [1, 2, 3]
+
+
+def test_plain_network_is_refused_at_setup():
+    """Checked in `setup`, which Lightning runs before fit (and before test with train=false)."""
+    module = Classifier(vgg15(width=8, stage_layers=(1, 1, 1), in_channels=3))
+    with pytest.raises(ConfigError, match="need residual blocks.*model=resnet110") as err:
+        GradientPaths(lengths=[1]).setup(None, module, "fit")
+    assert "\n" not in str(err.value)
+
+
+def tiny_data() -> SyntheticDataModule:
+    return SyntheticDataModule(shape=(3, 8, 8), n_train=8, n_test=8, batch_size=4)
+
+
+def test_callback_measures_the_network_that_was_tested(tmp_path):
+    """training.test_mode=rescale: paths, exact G_k and the full gradient of the rescaled net."""
+    module, dm = Classifier(tiny(), mode=RESCALE), tiny_data()
+    callback = GradientPaths(samples=2, lengths=[1, 3, 6], batches=1, split="test")
+    quiet_trainer(tmp_path, callbacks=[callback]).test(module, dm, verbose=False)
+    out = tmp_path / "analysis"
+
+    hand = rescaled_by_hand(module.net, 0.5).double()
+    x, y = next(batches(dm, "test"))
+    x = x.double()
+    sampled = sample_paths(6, [1, 3, 6], 2, torch.Generator().manual_seed(0))  # the callback's
+    norms = path_grad_norms(hand, x, y, [p for _, p in sampled], engine="straightforward")
+    want = length_stats([k for k, _ in sampled], norms.tolist())
+    rows = read_csv(out / "gradient_paths.csv")
+    assert [float(r["grad_norm_mean"]) for r in rows] == pytest.approx(
+        [w["grad_norm_mean"] for w in want], rel=1e-9
+    )
+    exact = [float(r["grad_norm_exact"]) for r in read_csv(out / "path_decomposition.csv")]
+    assert exact == pytest.approx([float(g.norm()) for g in propagate(hand, x, y)], rel=1e-9)
+    summary = json.loads((out / "summary.json").read_text())["gradient_paths"]
+    assert summary["residual_scale"] == 0.5
+    full = float(gated_grad(hand, x, y, FULL).norm())
+    assert summary["exact_full_grad_norm"] == pytest.approx(full, rel=1e-9)
+    untested = float(gated_grad(module.net.double(), x, y, FULL).norm())
+    assert abs(untested - full) > 0.05 * full
+
+
+class DeviceRoundTrip(AnalysisCallback):
+    """Moves the network away and back inside `on_test_end`, as a lesion study with
+    `device=<another device>` does (`net.to(device)`, then back); a CPU-only machine has no other
+    device, so a float64 round trip stands in for it (the same module conversion)."""
+
+    def analyse(self, trainer, pl_module) -> None:
+        pl_module.net.to(torch.float64).to(torch.float32)
+
+
+def test_autograd_analysis_after_a_lesion_study_that_moved_the_network(tmp_path):
+    """Lightning runs on_test_end under inference mode: a conversion there made every parameter
+    an inference tensor, and float32 gradient paths then failed ("Inference tensors cannot be
+    saved for backward")."""
+    module, dm = Classifier(tiny()), tiny_data()
+    callbacks = [
+        DeleteSingle(blocks=[0], device="cpu", progress=False, overlay=False),
+        DeviceRoundTrip(),
+        GradientPaths(samples=1, lengths=[1, 6], batches=1, split="test", dtype="float32"),
+    ]
+    quiet_trainer(tmp_path, callbacks=callbacks).test(module, dm, verbose=False)
+    assert not any(p.is_inference() for p in module.parameters())
+    rows = read_csv(tmp_path / "analysis" / "gradient_paths.csv")
+    assert [r["length"] for r in rows] == ["1", "6"] and all(
+        float(r["grad_norm_mean"]) > 0 for r in rows
+    )
+    assert len(read_csv(tmp_path / "analysis" / "delete_single.csv")) == 1
 
 
 @pytest.mark.slow

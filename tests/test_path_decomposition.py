@@ -1,11 +1,13 @@
 """Exact signed decomposition g(lam) = sum_k lam^k G_k: both methods equal brute-force
-enumeration of all 2^n paths, and the polynomial reproduces Plan(grad_scale=lam)."""
+enumeration of all 2^n paths, the polynomial reproduces Plan(grad_scale=lam), and the trained
+network's eval plan (rescaled or deleted residual branches) is what gets decomposed."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from src.analysis.gradient_paths import gated_grad
 from src.analysis.path_decomposition import (
     decompose,
     enumerate_paths,
@@ -14,9 +16,10 @@ from src.analysis.path_decomposition import (
     scaled_grad,
 )
 from src.errors import ConfigError
+from src.models import Plan
 from src.models.preact_resnet import preact_resnet_cifar
 from src.models.torchvision_resnet import torchvision_resnet
-from tests.test_gradient_paths import _randomise_bn, batch
+from tests.test_gradient_paths import _randomise_bn, batch, rescaled_by_hand
 
 
 def tiny64(shortcut="B"):
@@ -69,3 +72,24 @@ def test_decompose_runs_on_a_float64_copy():
     torch.testing.assert_close(g, decompose(net, x, y, method="interpolate"))
     with pytest.raises(ConfigError):
         decompose(net, x, y, method="vandermonde")
+
+
+def test_decomposition_of_the_rescaled_eval_plan_is_that_of_the_rescaled_network():
+    net, (x, y) = tiny64(), batch()
+    x = x.double()
+    plan = Plan(residual_scale=0.5)  # training=block_subset training.k=3 test_mode=rescale
+    g = decompose(net, x, y, plan=plan)
+    torch.testing.assert_close(g, propagate(rescaled_by_hand(net, 0.5), x, y), rtol=1e-10, atol=0)
+    torch.testing.assert_close(g, decompose(net, x, y, method="interpolate", plan=plan))
+    torch.testing.assert_close(g.sum(0), gated_grad(net, x, y, plan), rtol=1e-10, atol=1e-14)
+    assert not torch.allclose(g.sum(0), gated_grad(net, x, y, Plan()))
+
+
+def test_deleted_blocks_carry_no_path_length():
+    net, (x, y) = tiny64(), batch()
+    x = x.double()
+    plan = Plan(deleted=frozenset({1, 4}), residual_scale=0.7)
+    g = propagate(net, x, y, plan=plan)
+    assert g.shape[0] == 7 and not g[5:].any()  # 4 blocks keep their residual branch
+    torch.testing.assert_close(g, enumerate_paths(net, x, y, plan=plan), rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(g.sum(0), gated_grad(net, x, y, plan), rtol=1e-10, atol=1e-14)

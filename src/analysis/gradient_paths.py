@@ -9,6 +9,11 @@ along a new leading dimension and at block i the residual-branch VJP is applied 
 `is_grads_batched`) only to the samples whose path enters block i, the shortcut VJP to the rest
 (nothing at all for an identity shortcut). A sample then costs the residual branches it crosses.
 
+Every measurement runs the network that was tested: the trained network's eval plan (`base`,
+e.g. `training.test_mode=rescale` scaling residual branches by k/n; None: the full network) with
+the backward-only gate on top, `Plan(grad_path=...)` composed with it as the lesion studies compose
+their deletions. A block the eval plan deletes has no residual branch for a path to enter.
+
 "Gradient at the input" is the gradient of the batch-mean cross-entropy w.r.t. the network input
 x (`wrt=input`, default: the stem is part of every path) or the stem output (`wrt=stem`); its norm
 is the Frobenius norm over the whole batch. BatchNorm runs in eval mode by default (the trained
@@ -18,6 +23,7 @@ network's function; `bn=train` uses batch statistics, on a copy, so running stat
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Sequence
 from math import comb
@@ -30,20 +36,43 @@ from src.analysis.io import AnalysisCallback, log_to_wandb, save_figure, update_
 from src.analysis.path_stats import check_share, share_between, shortest_window
 from src.data.datamodules import batches
 from src.errors import ConfigError
-from src.models.network import Block, Network, Plan
+from src.models.network import FULL, Block, Network, Plan
 
 WRT = ("input", "stem")
 BN_MODES = ("eval", "train")
 
 
 def prepared(net: Network, bn: str = "eval", dtype: torch.dtype | None = None) -> Network:
-    """The network to measure: `net` itself in eval mode, or a copy (train-mode BN / float64)."""
+    """The network to measure: `net` itself in eval mode, or a copy (train-mode BN / another
+    dtype, e.g. float64)."""
     if bn not in BN_MODES:
         raise ConfigError(f"bn={bn!r}: choose 'eval' (running statistics) or 'train' (batch)")
-    if bn == "eval" and dtype is None:
+    if bn == "eval" and dtype in (None, next(net.parameters()).dtype):
         return net.eval()
     net = copy.deepcopy(net).train(bn == "train")
     return net.to(dtype) if dtype is not None else net
+
+
+def gradient_plan(base: Plan | None, **gate) -> Plan:
+    """`base` (the trained network's eval plan, or the full network) with a backward-only gate
+    (`grad_path=...` or `grad_scale=...`) on top."""
+    base = FULL if base is None else base
+    if base.drop_prob is not None or base.grad_path is not None or base.grad_scale is not None:
+        raise ConfigError(
+            "gradient paths measure a fixed eval plan (order, deleted, residual_scale), not one "
+            "with drop_prob/grad_path/grad_scale: pass the network's test-time plan"
+        )
+    return dataclasses.replace(base, **gate)
+
+
+def check_residual(net: Network) -> None:
+    plain = [i for i, b in enumerate(net.blocks) if not b.has_shortcut]
+    if plain:
+        raise ConfigError(
+            f"gradient paths need residual blocks, but this {type(net.blocks[plain[0]]).__name__} "
+            f"network has {len(plain)} plain layers without a shortcut: use a ResNet "
+            "(e.g. model=resnet110)"
+        )
 
 
 def _vjp(out: Tensor, inp: Tensor, cotangents: list[Tensor], batched: bool) -> list[Tensor]:
@@ -63,48 +92,73 @@ def _vjp(out: Tensor, inp: Tensor, cotangents: list[Tensor], batched: bool) -> l
 
 
 class BlockVJPs:
-    """One forward pass of `net` on (x, y), keeping every block's two branches as a separate graph.
+    """One forward pass of `net` under `plan` (an eval plan: None is the full network) on (x, y),
+    keeping every running block's two branches as a separate graph.
 
-    `enter[i]` is merge(shortcut.detach(), residual) and `bypass[i]` is merge(shortcut,
-    residual.detach()) of block i, both as functions of the block's own input leaf `inputs[i]`;
-    `bypass[i]` is None for an identity shortcut with an additive merge (its VJP is the identity).
-    `g_top` is d loss / d (trunk output), shared by every path.
+    Position p of the plan's sequence runs block `sequence[p]`. `enter[p]` is merge(shortcut
+    .detach(), residual) and `bypass[p]` is merge(shortcut, residual.detach()) of that block, both
+    as functions of its own input leaf `inputs[p]`, with the plan's residual scale applied;
+    `bypass[p]` is None for an identity shortcut with an additive merge (its VJP is the identity);
+    `enter[p]` is None for a block the plan deletes (only its skip runs). `g_top` is
+    d loss / d (trunk output), shared by every path.
     """
 
     def __init__(
-        self, net: Network, x: Tensor, y: Tensor, wrt: str = "input", batched: bool | None = None
+        self,
+        net: Network,
+        x: Tensor,
+        y: Tensor,
+        wrt: str = "input",
+        batched: bool | None = None,
+        plan: Plan | None = None,
     ):
         if wrt not in WRT:
             raise ConfigError(f"wrt={wrt!r}: choose 'input' (network input) or 'stem' (its output)")
-        self.wrt = wrt
+        check_residual(net)
+        plan = gradient_plan(plan)
+        plan.validate(net.n_blocks)
+        self.wrt, self.n_blocks = wrt, net.n_blocks
+        self.sequence = plan.sequence(net.n_blocks)
         self.batched = x.device.type != "cpu" if batched is None else batched
         self.inputs, self.enter, self.bypass = [], [], []
         with torch.enable_grad():
             self.x = x.detach().requires_grad_(wrt == "input")
             self.stem_out = net.stem(self.x)
             h = self.stem_out.detach().requires_grad_()
-            for block in net.blocks:
-                if not block.has_shortcut:
-                    raise ConfigError("gradient paths need residual blocks: use a ResNet model")
-                s, r = block.shortcut(h), block.residual(h)
+            for i in self.sequence:
+                block = net.blocks[i]
                 self.inputs.append(h)
-                self.enter.append(block.merge(s.detach(), r))
-                identity = s is h and type(block).merge is Block.merge
-                self.bypass.append(None if identity else block.merge(s, r.detach()))
-                h = block.merge(s, r).detach().requires_grad_()
+                if i in plan.deleted:
+                    out = block.skip(h)
+                    self.enter.append(None)
+                    self.bypass.append(None if out is h else out)
+                else:
+                    s, r = block.shortcut(h), block.residual(h)
+                    if plan.residual_scale != 1.0:
+                        r = r * plan.residual_scale
+                    self.enter.append(block.merge(s.detach(), r))
+                    identity = s is h and type(block).merge is Block.merge
+                    self.bypass.append(None if identity else block.merge(s, r.detach()))
+                    out = block.merge(s, r)
+                h = out.detach().requires_grad_()
             loss = F.cross_entropy(net.head(h), y)
             self.g_top = torch.autograd.grad(loss, h)[0]
 
-    @property
-    def n_blocks(self) -> int:
-        return len(self.inputs)
+    def enterable(self, p: int) -> bool:
+        """Whether the block at position p has a residual branch for paths to enter."""
+        return self.enter[p] is not None
 
-    def through_residual(self, i: int, gs: list[Tensor]) -> list[Tensor]:
-        return _vjp(self.enter[i], self.inputs[i], gs, self.batched)
+    def trie_order(self, paths: Sequence[frozenset[int]]) -> list[int]:
+        """Path indices in the lexicographic order of their choices from the output down."""
+        top_down = list(reversed(self.sequence))
+        return sorted(range(len(paths)), key=lambda j: [i in paths[j] for i in top_down])
 
-    def through_shortcut(self, i: int, gs: list[Tensor]) -> list[Tensor]:
+    def through_residual(self, p: int, gs: list[Tensor]) -> list[Tensor]:
+        return _vjp(self.enter[p], self.inputs[p], gs, self.batched)
+
+    def through_shortcut(self, p: int, gs: list[Tensor]) -> list[Tensor]:
         return (
-            gs if self.bypass[i] is None else _vjp(self.bypass[i], self.inputs[i], gs, self.batched)
+            gs if self.bypass[p] is None else _vjp(self.bypass[p], self.inputs[p], gs, self.batched)
         )
 
     def to_wrt(self, gs: list[Tensor]) -> list[Tensor]:
@@ -119,16 +173,17 @@ class BlockVJPs:
         passes its cotangents on untouched.
         """
         states, ptr = [self.g_top], [0] * len(paths)  # distinct cotangents; path -> state
-        for i in reversed(range(self.n_blocks)):
-            enters = [i in p for p in paths]
-            if not any(enters) and self.bypass[i] is None:
+        for p in reversed(range(len(self.sequence))):
+            i = self.sequence[p]
+            enters = [self.enterable(p) and i in path for path in paths]
+            if not any(enters) and self.bypass[p] is None:
                 continue
             keys: dict[tuple[int, bool], int] = {}
             ptr = [keys.setdefault((s, e), len(keys)) for s, e in zip(ptr, enters)]
             skip = [k for k in keys if not k[1]]
             enter = [k for k in keys if k[1]]
-            done = dict(zip(skip, self.through_shortcut(i, [states[s] for s, _ in skip])))
-            done.update(zip(enter, self.through_residual(i, [states[s] for s, _ in enter])))
+            done = dict(zip(skip, self.through_shortcut(p, [states[s] for s, _ in skip])))
+            done.update(zip(enter, self.through_residual(p, [states[s] for s, _ in enter])))
             states = [done[k] for k in keys]
         states = self.to_wrt(states)
         return torch.stack([states[s] for s in ptr])
@@ -142,15 +197,16 @@ def fast_path_grads(
     wrt: str = "input",
     chunk: int = 128,
     batched: bool | None = None,
+    plan: Plan | None = None,
 ) -> Tensor:
-    """Gradients of many paths on one batch: one forward, batched VJPs, `chunk` paths at a time.
+    """Gradients of many paths on one batch: one forward, batched VJPs, `chunk` paths at a time,
+    under the eval plan `plan` (None: the full network).
 
     Paths are walked in the lexicographic order of their choices from the output down, so that
     paths with shared top choices land in the same chunk (and share those VJPs).
     """
-    engine = BlockVJPs(net, x, y, wrt, batched)
-    n = engine.n_blocks
-    order = sorted(range(len(paths)), key=lambda j: [i in paths[j] for i in reversed(range(n))])
+    engine = BlockVJPs(net, x, y, wrt, batched, plan)
+    order = engine.trie_order(paths)
     grads = torch.cat(
         [
             engine.path_grads([paths[j] for j in order[c : c + chunk]])
@@ -160,22 +216,32 @@ def fast_path_grads(
     return grads[torch.argsort(torch.tensor(order))]
 
 
-def straightforward_path_grad(
-    net: Network, x: Tensor, y: Tensor, path: frozenset[int], wrt: str = "input"
-) -> Tensor:
-    """Reference: a full forward + backward under `Plan(grad_path=path)`."""
+def gated_grad(net: Network, x: Tensor, y: Tensor, plan: Plan, wrt: str = "input") -> Tensor:
+    """Gradient of the batch-mean cross-entropy w.r.t. the input (or stem output) under `plan`."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(wrt == "input")
         h = net.stem(x)
         leaf = x
         if wrt == "stem":
             h = leaf = h.detach().requires_grad_()
-        loss = F.cross_entropy(net.head(net.trunk(h, Plan(grad_path=frozenset(path)))), y)
+        loss = F.cross_entropy(net.head(net.trunk(h, plan)), y)
         return torch.autograd.grad(loss, leaf)[0]
 
 
-def straightforward_path_grads(net, x, y, paths, wrt: str = "input") -> Tensor:
-    return torch.stack([straightforward_path_grad(net, x, y, p, wrt) for p in paths])
+def straightforward_path_grad(
+    net: Network,
+    x: Tensor,
+    y: Tensor,
+    path: frozenset[int],
+    wrt: str = "input",
+    plan: Plan | None = None,
+) -> Tensor:
+    """Reference: a full forward + backward under the eval plan with `grad_path=path` on top."""
+    return gated_grad(net, x, y, gradient_plan(plan, grad_path=frozenset(path)), wrt)
+
+
+def straightforward_path_grads(net, x, y, paths, wrt: str = "input", plan=None) -> Tensor:
+    return torch.stack([straightforward_path_grad(net, x, y, p, wrt, plan) for p in paths])
 
 
 ENGINES = {"fast": fast_path_grads, "straightforward": straightforward_path_grads}
@@ -198,17 +264,18 @@ def path_grad_norms(
     wrt: str = "input",
     engine: str = "fast",
     chunk: int = 128,
+    plan: Plan | None = None,
 ) -> Tensor:
-    """Norm of each path's gradient on the batch (x, y), by the chosen engine, in path order."""
+    """Norm of each path's gradient on the batch (x, y) under the eval plan `plan` (None: the full
+    network), by the chosen engine, in path order."""
     if engine == "straightforward":
         return torch.stack(
-            [straightforward_path_grad(net, x, y, p, wrt).double().norm() for p in paths]
+            [straightforward_path_grad(net, x, y, p, wrt, plan).double().norm() for p in paths]
         )
     if engine != "fast":
         raise ConfigError(f"engine={engine!r}: choose 'fast' or 'straightforward'")
-    vjps = BlockVJPs(net, x, y, wrt)
-    n = vjps.n_blocks
-    order = sorted(range(len(paths)), key=lambda j: [i in paths[j] for i in reversed(range(n))])
+    vjps = BlockVJPs(net, x, y, wrt, plan=plan)
+    order = vjps.trie_order(paths)
     norms = torch.empty(len(paths), dtype=torch.float64)
     for c in range(0, len(paths), chunk):
         idx = order[c : c + chunk]
@@ -329,17 +396,27 @@ class GradientPaths(AnalysisCallback):
             )
         return lengths
 
+    def check(self, pl_module) -> list[int]:
+        """Raise ConfigError when the analysis cannot apply to the module's network; return the
+        lengths to sample."""
+        check_residual(pl_module.net)
+        gradient_plan(pl_module.eval_plan)
+        return self.validate(pl_module.net.n_blocks)
+
     def setup(self, trainer, pl_module, stage: str) -> None:
-        self.validate(pl_module.net.n_blocks)  # fail before training, not after
+        self.check(pl_module)  # fail before training, not after
 
     def analyse(self, trainer, pl_module) -> None:
-        with torch.inference_mode(False), torch.enable_grad():
-            self._analyse(trainer, pl_module)
+        was_training = pl_module.net.training
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                self._analyse(trainer, pl_module)
+        finally:
+            pl_module.net.train(was_training)
 
     def _analyse(self, trainer, pl_module) -> None:
-        net = pl_module.net
-        n, lengths = net.n_blocks, self.validate(net.n_blocks)
-        was_training = net.training
+        net, plan = pl_module.net, pl_module.eval_plan  # measure the network that was tested
+        n, lengths = net.n_blocks, self.check(pl_module)
         dtype = getattr(torch, self.dtype)  # float64: long paths' norms (~1e-40) stay representable
         measured = prepared(net, self.bn, dtype)
         gen = torch.Generator().manual_seed(int(self.seed))
@@ -351,7 +428,9 @@ class GradientPaths(AnalysisCallback):
             x = x.to(dtype)
             idx = list(range(b, len(sampled), len(held)))
             paths = [sampled[j][1] for j in idx]
-            got = path_grad_norms(measured, x, y, paths, self.wrt, self.engine, int(self.chunk))
+            got = path_grad_norms(
+                measured, x, y, paths, self.wrt, self.engine, int(self.chunk), plan
+            )
             norms[idx] = got.to(norms)
         rows = length_stats([k for k, _ in sampled], norms.tolist())
         fit = fit_decay(rows)
@@ -366,6 +445,7 @@ class GradientPaths(AnalysisCallback):
             "wrt": self.wrt,
             "engine": self.engine,
             "dtype": self.dtype,
+            "residual_scale": (plan or Plan()).residual_scale,  # of the eval plan measured
             **fit,
             "share": self.share,
             "effective_window": [rows[lo]["length"], rows[hi]["length"]],
@@ -380,19 +460,18 @@ class GradientPaths(AnalysisCallback):
         write_csv(out / "gradient_paths.csv", rows, columns)
         exact = None
         if self.decomposition:
-            exact = self._decompose(measured, held[0][0].to(dtype), held[0][1], rows, out)
+            exact = self._decompose(measured, held[0][0].to(dtype), held[0][1], rows, out, plan)
             summary.update(exact["summary"])
         update_json(out / "summary.json", {"gradient_paths": summary})
         fig = plot(n, rows, fit, totals, (lo, hi), exact and exact["rows"])
         image = save_figure(fig, out / "gradient_paths.png")
         log_to_wandb(trainer, "gradient_paths", rows, columns, image)
-        net.train(was_training)
 
-    def _decompose(self, net, x, y, rows, out) -> dict:
+    def _decompose(self, net, x, y, rows, out, plan) -> dict:
         from src.analysis.path_decomposition import decompose
 
         n = net.n_blocks
-        g = decompose(net, x, y, self.wrt, self.bn)
+        g = decompose(net, x, y, self.wrt, self.bn, plan=plan)
         mean = {r["length"]: r["grad_norm_mean"] for r in rows}
         table = [
             {

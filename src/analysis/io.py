@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 
 
@@ -89,6 +90,9 @@ class AnalysisCallback(Callback):
 
     Under DDP the analysis runs on global rank 0 only, as plain PyTorch on `pl_module.net` (no
     collective calls), so its results equal a single-process run; the other ranks wait.
+    Lightning calls `on_test_end` under inference mode; the analysis runs outside it, so that a
+    study that moves the network (`net.to(device)`) leaves ordinary parameters behind, not
+    inference tensors that a later analysis could not differentiate through.
     """
 
     def analysis_dir(self, trainer: L.Trainer) -> Path:
@@ -96,7 +100,8 @@ class AnalysisCallback(Callback):
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
-            self.analyse(trainer, pl_module)
+            with torch.inference_mode(False):
+                self.analyse(trainer, pl_module)
         trainer.strategy.barrier("analysis")
 
     def analyse(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -88,16 +88,20 @@ def rebatch(batches: Iterable[tuple[Tensor, Tensor]], size: int | None) -> Itera
 @contextlib.contextmanager
 def eval_mode(net: Network, device: torch.device | str | None = None):
     """BN in eval mode (running statistics) and no autograd, for this block only; the network's
-    training flag and device are restored on exit, even if the sweep is interrupted."""
+    training flag and device are restored on exit, even if the sweep is interrupted. The moves
+    run outside inference mode (also when the caller is in it, e.g. Lightning's `on_test_end`):
+    moved there, parameters would come back as inference tensors, unusable for autograd."""
     was_training = net.training
     old = next(net.parameters()).device
     device = old if device is None else torch.device(device)
-    net.eval().to(device)
+    with torch.inference_mode(False):
+        net.eval().to(device)
     try:
         with torch.inference_mode():
             yield device
     finally:
-        net.train(was_training).to(old)
+        with torch.inference_mode(False):
+            net.train(was_training).to(old)
 
 
 def _progress(enabled: bool) -> Progress:

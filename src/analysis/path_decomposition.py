@@ -17,6 +17,10 @@ dynamic program that sums the 2^n paths of the unraveled view by length.
 Chebyshev nodes in [-1, 1] and a float64 Vandermonde solve; the monomial Vandermonde's condition
 number grows like ~2.4^n, so it is only trustworthy for small n (the condition is returned).
 `enumerate_paths` is the brute-force check: every one of the 2^n paths, summed by length.
+
+All of them measure the network under an eval plan (`plan`; None: the full network), with
+`grad_scale` composed on top: a block the plan deletes has no residual branch, so G_k is zero for
+k above the number of blocks that keep theirs.
 """
 
 from __future__ import annotations
@@ -25,61 +29,76 @@ import itertools
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from src.analysis.gradient_paths import BlockVJPs, prepared, straightforward_path_grad
+from src.analysis.gradient_paths import (
+    BlockVJPs,
+    gated_grad,
+    gradient_plan,
+    prepared,
+    straightforward_path_grad,
+)
 from src.errors import ConfigError
-from src.models.network import Network, Plan
+from src.models.network import FULL, Network, Plan
 
 METHODS = ("propagate", "interpolate")
 
 
-def propagate(net: Network, x: Tensor, y: Tensor, wrt: str = "input") -> Tensor:
+def propagate(
+    net: Network, x: Tensor, y: Tensor, wrt: str = "input", plan: Plan | None = None
+) -> Tensor:
     """G_0..G_n, shape (n+1, *x.shape), by propagating polynomial coefficients (exact)."""
-    engine = BlockVJPs(net, x, y, wrt)
+    engine = BlockVJPs(net, x, y, wrt, plan=plan)
     coeffs = [engine.g_top]  # coefficient j of the cotangent's polynomial in lam
-    for i in reversed(range(engine.n_blocks)):
-        skip = engine.through_shortcut(i, coeffs)
-        enter = engine.through_residual(i, coeffs)
+    for p in reversed(range(len(engine.sequence))):
+        skip = engine.through_shortcut(p, coeffs)
+        if not engine.enterable(p):
+            coeffs = skip
+            continue
+        enter = engine.through_residual(p, coeffs)
         coeffs = [skip[0], *(a + b for a, b in zip(skip[1:], enter[:-1])), enter[-1]]
-    return torch.stack(engine.to_wrt(coeffs))
+    coeffs = engine.to_wrt(coeffs)
+    zeros = [torch.zeros_like(coeffs[0])] * (engine.n_blocks + 1 - len(coeffs))
+    return torch.stack([*coeffs, *zeros])
 
 
-def scaled_grad(net: Network, x: Tensor, y: Tensor, lam: float, wrt: str = "input") -> Tensor:
-    """Reference g(lam): one forward + backward under `Plan(grad_scale=lam)`."""
-    with torch.enable_grad():
-        x = x.detach().requires_grad_(wrt == "input")
-        h = leaf = net.stem(x)
-        if wrt == "stem":
-            h = leaf = h.detach().requires_grad_()
-        else:
-            leaf = x
-        loss = F.cross_entropy(net.head(net.trunk(h, Plan(grad_scale=float(lam)))), y)
-        return torch.autograd.grad(loss, leaf)[0]
+def scaled_grad(
+    net: Network, x: Tensor, y: Tensor, lam: float, wrt: str = "input", plan: Plan | None = None
+) -> Tensor:
+    """Reference g(lam): one forward + backward under the eval plan with `grad_scale=lam`."""
+    return gated_grad(net, x, y, gradient_plan(plan, grad_scale=float(lam)), wrt)
 
 
-def interpolate(net: Network, x: Tensor, y: Tensor, wrt: str = "input") -> tuple[Tensor, float]:
+def interpolate(
+    net: Network, x: Tensor, y: Tensor, wrt: str = "input", plan: Plan | None = None
+) -> tuple[Tensor, float]:
     """G_0..G_n from n+1 evaluations of g at Chebyshev nodes; returns (G, cond(Vandermonde))."""
     n = net.n_blocks
     nodes = np.cos(np.pi * (np.arange(n + 1) + 0.5) / (n + 1))
-    values = torch.stack([scaled_grad(net, x, y, lam, wrt) for lam in nodes])
+    values = torch.stack([scaled_grad(net, x, y, lam, wrt, plan) for lam in nodes])
     vander = np.vander(nodes, n + 1, increasing=True)
     flat = values.reshape(n + 1, -1).double().cpu().numpy()
     coeffs = np.linalg.solve(vander, flat).reshape(values.shape)
     return torch.from_numpy(coeffs).to(values), float(np.linalg.cond(vander))
 
 
-def enumerate_paths(net: Network, x: Tensor, y: Tensor, wrt: str = "input") -> Tensor:
-    """Brute force: sum the straightforward gradient of every one of the 2^n paths by length."""
-    n = net.n_blocks
-    if n > 16:
-        raise ConfigError(f"enumerating 2^{n} paths is infeasible: use a network of <= 16 blocks")
-    sums: list[Tensor | int] = [0] * (n + 1)
-    for bits in itertools.product((0, 1), repeat=n):
-        path = frozenset(i for i, b in enumerate(bits) if b)
-        sums[len(path)] = sums[len(path)] + straightforward_path_grad(net, x, y, path, wrt)
-    return torch.stack(sums)
+def enumerate_paths(
+    net: Network, x: Tensor, y: Tensor, wrt: str = "input", plan: Plan | None = None
+) -> Tensor:
+    """Brute force: sum the straightforward gradient of every one of the 2^m paths by length (m:
+    the blocks that run with their residual branch under `plan`)."""
+    n, plan = net.n_blocks, FULL if plan is None else plan
+    active = [i for i in plan.sequence(n) if i not in plan.deleted]
+    if len(active) > 16:
+        raise ConfigError(
+            f"enumerating 2^{len(active)} paths is infeasible: use a network of <= 16 blocks"
+        )
+    sums: list[Tensor | int] = [0] * (n + 1)  # lengths above len(active): no path, zero
+    for bits in itertools.product((0, 1), repeat=len(active)):
+        path = frozenset(i for i, b in zip(active, bits) if b)
+        sums[len(path)] = sums[len(path)] + straightforward_path_grad(net, x, y, path, wrt, plan)
+    like = sums[0]
+    return torch.stack([s if torch.is_tensor(s) else torch.zeros_like(like) for s in sums])
 
 
 def decompose(
@@ -89,12 +108,14 @@ def decompose(
     wrt: str = "input",
     bn: str = "eval",
     method: str = "propagate",
+    plan: Plan | None = None,
 ) -> Tensor:
-    """G_0..G_n in float64 on a float64 copy of `net` (the model itself is left untouched)."""
+    """G_0..G_n in float64 on a float64 copy of `net` (the model itself is left untouched), under
+    the eval plan `plan` (None: the full network)."""
     if method not in METHODS:
         raise ConfigError(f"method={method!r}: choose one of {', '.join(METHODS)}")
     net64 = prepared(net, bn, torch.float64)
     x64 = x.detach().to(torch.float64)
     if method == "propagate":
-        return propagate(net64, x64, y, wrt)
-    return interpolate(net64, x64, y, wrt)[0]
+        return propagate(net64, x64, y, wrt, plan)
+    return interpolate(net64, x64, y, wrt, plan)[0]
