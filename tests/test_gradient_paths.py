@@ -293,16 +293,23 @@ def test_end_to_end_quick_gradient_falls_with_length(trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_bad_length_is_one_line_error_before_training(tmp_path):
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model=resnet20", "callbacks.gradient_paths.lengths=[10]"], "error: lengths=[10]"),
+        (["model=vgg15"], "error: gradient paths need residual blocks"),
+    ],
+)
+def test_cli_bad_input_is_one_line_error_before_training(overrides, message, tmp_path):
     res = run_cli(
         "experiment=gradient_paths",
         "preset=quick",
-        "model=resnet20",
+        *overrides,
+        "trainer.max_steps=2",
         "logger=csv",
-        "callbacks.gradient_paths.lengths=[10]",
         f"hydra.run.dir={tmp_path}",
         check=False,
     )
-    assert res.returncode != 0
-    assert res.stderr.strip().splitlines()[-1].startswith("error: lengths=[10]")
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1].startswith(message), res.stderr[-2000:]
     assert not (tmp_path / "checkpoints" / "last.ckpt").exists()

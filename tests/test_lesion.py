@@ -4,6 +4,7 @@ evaluation; the studies' samplers and their one-line errors for bad input."""
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -116,8 +117,11 @@ def test_reorder_with_tau_one_equals_baseline_and_swaps_equal_hand_built(resnet,
     pairs = compatible_pairs(resnet)
     ident = swapped_order(range(resnet.n_blocks), [])
     assert tau(ident, range(resnet.n_blocks)) == 1.0
-    base, same = _engine(resnet, x, [lesion_plan(None, order=ident)])
-    assert torch.equal(base, same)
+    with torch.inference_mode():
+        unlesioned = _hand_built(resnet, {})(x)
+    for reuse in (True, False):  # the cached baseline, and a fresh forward under the order
+        base, same = _engine(resnet, x, [lesion_plan(None, order=ident)], reuse=reuse)
+        assert (base - unlesioned).abs().max() <= TOL and (same - unlesioned).abs().max() <= TOL
     order = swapped_order(range(resnet.n_blocks), [pairs[0], pairs[-1]])
     assert tau(order, range(resnet.n_blocks)) < 1.0
     (got,) = _engine(resnet, x, [lesion_plan(None, order=order)])[1:]
@@ -216,13 +220,28 @@ def test_headline_uses_non_downsampling_blocks():
         (lambda: Reorder(swaps=[426]), "at most 425"),
         (lambda: DeleteSingle(blocks=[3, 54]), "0..53"),
         (lambda: DeleteSingle(batch_size=0), "batch_size"),
+        (lambda: DeleteSingle(device="cuda:99"), "device='cuda:99' is not available"),
+        (lambda: DeleteMany(device="gpu"), "device='gpu' is not available"),
     ],
 )
-def test_bad_input_is_a_one_line_config_error(make, match):
-    net = preact_resnet_cifar(blocks_per_stage=18, in_channels=1)
+def test_bad_input_is_a_one_line_config_error_at_setup(make, match):
+    """`setup` runs before fit (and before test on a checkpoint): nothing is trained in vain."""
+    module = SimpleNamespace(net=preact_resnet_cifar(blocks_per_stage=18, in_channels=1))
     with pytest.raises(ConfigError, match=match) as err:
-        make().check(net)
+        make().setup(None, module, "fit")
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device (CUDA)")
+def test_sweep_on_another_device_under_inference_mode_keeps_ordinary_parameters(resnet, data):
+    """Lightning runs on_test_end under inference mode; a move made there would come back as
+    inference tensors that no later analysis can differentiate through."""
+    x, y = data
+    net = copy.deepcopy(resnet).cuda()
+    with torch.inference_mode():
+        lesion_errors(net, [lesion_plan(None, [1])], [(x, y)], device="cpu")
+    assert all(p.is_cuda and not p.is_inference() for p in net.parameters())
+    torch.nn.functional.cross_entropy(net(x.cuda()), y.cuda()).backward()
 
 
 def test_out_of_range_plan_is_a_config_error(resnet, data):

@@ -68,8 +68,7 @@ class DeleteMany(LesionStudy):
             )
 
     def analyse(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        net = pl_module.net
-        self.check(net)
+        net = pl_module.net  # checked in `setup`, before training
         samples = sample_deletions(net.n_blocks, self.ks, self.trials, self.seed)
         plans = [lesion_plan(pl_module.eval_plan, d) for _, _, d in samples]
         baseline, errors = self.evaluate(trainer, pl_module, plans)

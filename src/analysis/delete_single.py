@@ -62,8 +62,7 @@ class DeleteSingle(LesionStudy):
             )
 
     def analyse(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        net = pl_module.net
-        self.check(net)
+        net = pl_module.net  # checked in `setup`, before training
         info = net.block_info()
         blocks = self.blocks if self.blocks is not None else list(range(net.n_blocks))
         plans = [lesion_plan(pl_module.eval_plan, [i]) for i in blocks]

@@ -197,11 +197,25 @@ class LesionStudy(AnalysisCallback):
         self.batch_size = None if batch_size is None else int(batch_size)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Check the study's arguments against the network before anything is trained."""
+        """Check the study's arguments against the network (and the device) before anything is
+        trained: Lightning runs `setup` before fit, and before test on a loaded checkpoint."""
+        self.check_device()
         self.check(pl_module.net)
 
     def check(self, net: Network) -> None:
         """Raise ConfigError when the study cannot apply to `net`."""
+
+    def check_device(self) -> None:
+        if self.device is None:
+            return
+        try:
+            torch.empty(0, device=self.device)
+        except Exception as err:  # unknown name, no such device, torch built without it
+            reason = " ".join(str(err).split()).split(". ")[0][:100]  # its first sentence
+            raise ConfigError(
+                f"{self.name}.device={self.device!r} is not available here ({reason}): use "
+                "device=null (where the network is) or cpu"
+            ) from None
 
     def evaluate(
         self, trainer: L.Trainer, pl_module: L.LightningModule, plans: Sequence[Plan]

@@ -80,8 +80,7 @@ class Reorder(LesionStudy):
             )
 
     def analyse(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        net = pl_module.net
-        self.check(net)
+        net = pl_module.net  # checked in `setup`, before training
         pairs = compatible_pairs(net)
         base = pl_module.eval_plan
         reference = base.sequence(net.n_blocks) if base is not None else range(net.n_blocks)
