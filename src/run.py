@@ -2,16 +2,16 @@
 
 Builds data, model, LightningModule, callbacks, loggers and trainer from the Hydra config, fits
 (unless `train=false`), tests, and lets the analysis callbacks run at the end of testing. Every run
-directory gets `metrics.json` (final test metrics, `test_error` as a fraction) and `checkpoints/`.
+directory gets `metrics.json` (final test metrics, `test_error` as a fraction, and what was run)
+and `checkpoints/` (each checkpoint carries the run's config: see src/checkpoint.py).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import secrets
-import signal
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -19,47 +19,24 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
-from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, read_write
+from omegaconf import DictConfig, OmegaConf
 
-from src.analysis.io import atomic_write, write_json
+from src import checkpoint
+from src.analysis.io import write_json
+from src.cluster import SIGTERMED, ddp_ranks_join_this_job, leave_ddp, requeued, watch_sigterm
 from src.data import DataUnavailable
-from src.errors import ConfigError
+from src.errors import ConfigError, exit_with
 from src.module import Classifier
+from src.rundir import refuse_to_overwrite
 
 log = logging.getLogger("src.run")
 USER_ERRORS = (ConfigError, DataUnavailable, FileNotFoundError)
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-
-# A per-process random suffix keeps run directories unique when many jobs start in one second.
-OmegaConf.register_new_resolver("uid", lambda: secrets.token_hex(3), use_cache=True, replace=True)
-
-
-def wandb_id(output_dir: str) -> str:
-    """This run dir's W&B run id, kept beside its checkpoints (`checkpoints/wandb_id`) so that a
-    resumed or requeued job continues its own W&B run. The first rank to get here creates it."""
-    path = Path(output_dir) / "checkpoints" / "wandb_id"
-    if not path.exists():
-        tmp = atomic_write(path.with_name(f".wandb_id.{os.getpid()}"), secrets.token_hex(8))
-        try:
-            os.link(tmp, path)  # atomic and never overwrites another rank's id
-        except FileExistsError:
-            pass
-        tmp.unlink()
-    return path.read_text().strip()
-
-
-def wandb_group(experiment_name: str) -> str:
-    """W&B group: `<experiment>` for a single run, `<experiment>/<sweep dir>` for a sweep's jobs."""
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        return f"{experiment_name}/{Path(hydra_cfg.sweep.dir).name}"
-    return experiment_name
-
-
-OmegaConf.register_new_resolver("wandb_id", wandb_id, replace=True)
-OmegaConf.register_new_resolver("wandb_group", wandb_group, replace=True)
+# Library deprecation notices a user can do nothing about (Lightning's own use of torch APIs).
+warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec.*")
+# Lightning's hint for Slurm login nodes: a local run there is deliberate; jobs use srun already.
+warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system")
 
 
 def build(cfg: DictConfig, list_key: str) -> list:
@@ -75,29 +52,20 @@ def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
     """`resume=true`: continue from this run dir's newest checkpoint (last.ckpt, or the
     hpc_ckpt_<n>.ckpt Lightning saves on Slurm's requeue signal) if any; `resume=<file>`: from it.
     A requeued Slurm job (SLURM_RESTART_COUNT > 0) always continues its own run dir."""
-    requeued = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
-    if cfg.resume is True or requeued:
+    if cfg.resume is True or requeued():
         found = [output_dir / "checkpoints" / "last.ckpt", *output_dir.glob("hpc_ckpt_*.ckpt")]
         found = [p for p in found if p.exists()]
         if found:
             return str(max(found, key=lambda p: p.stat().st_mtime))
     if cfg.resume in (None, False, True):
         return None
-    path = Path(str(cfg.resume)).expanduser()
-    if not path.is_file():
-        raise ConfigError(
-            f"resume={cfg.resume}: no such checkpoint file; pass a .ckpt or resume=true"
-        )
-    return str(path)
+    checkpoint.load(cfg.resume, what="resume")  # a one-line error unless it is a checkpoint
+    return str(Path(str(cfg.resume)).expanduser())
 
 
-def load_weights(module: Classifier, ckpt_path: str) -> None:
-    path = Path(ckpt_path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"ckpt_path={ckpt_path}: no such file; pass the .ckpt of a finished run")
-    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+def load_weights(module: Classifier, ckpt: dict, path: str) -> None:
     try:
-        module.load_state_dict(state)
+        module.load_state_dict(ckpt["state_dict"])
     except RuntimeError:
         raise ConfigError(
             f"checkpoint {path} was trained with a different architecture than "
@@ -106,32 +74,34 @@ def load_weights(module: Classifier, ckpt_path: str) -> None:
         ) from None
 
 
-def ddp_ranks_join_this_job() -> None:
-    """Outside Slurm, Lightning starts DDP ranks 1.. by re-running `sys.argv` plus
-    `hydra.run.dir=<hydra.run.dir>`. In a sweep (`-m`) that would re-run the whole sweep into new
-    directories (lightning-hydra-template #393), so point it at this job: its own overrides, run
-    mode, its own directory."""
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return
-    hydra_cfg = HydraConfig.get()
-    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
-    with read_write(hydra_cfg):
-        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
-
-
-def leave_ddp() -> None:
-    """Lightning's DDP launcher leaves its process group and rank variables (LOCAL_RANK, ...) in
-    this process. Clear them after each job, so the next job of a local sweep starts its own ranks
-    instead of taking LOCAL_RANK as a sign that someone else started them."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    for key in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE"):
-        os.environ.pop(key, None)
+def check_device(cfg: DictConfig) -> None:
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            "trainer=gpu needs a CUDA GPU and none is visible here: run on the CPU with "
+            "preset=quick (or trainer=cpu)"
+        )
 
 
 def validate(cfg: DictConfig) -> None:
     if not cfg.train and not cfg.ckpt_path:
         raise ConfigError("train=false needs a checkpoint to analyse: add ckpt_path=<file.ckpt>")
+    check_device(cfg)
+
+
+def run_facts(cfg: DictConfig, choices: dict, net, mode) -> dict:
+    """What was run, for metrics.json: a results folder reads without its `.hydra/`."""
+    k = getattr(mode, "k", None)
+    if k is None and type(mode).__name__ == "Standard":
+        k = net.n_blocks
+    return {
+        "model": choices.get("model"),
+        "data": choices.get("data"),
+        "training": choices.get("training"),
+        "n_blocks": net.n_blocks,
+        "k": k,
+        "seed": cfg.get("seed"),
+    }
 
 
 def train(cfg: DictConfig) -> dict:
@@ -140,8 +110,17 @@ def train(cfg: DictConfig) -> dict:
         instantiate(cfg.task, _convert_="all", output_dir=str(output_dir))
         return {}
     validate(cfg)
+    refuse_to_overwrite(output_dir, resuming=bool(cfg.resume) or requeued())
+    choices = dict(HydraConfig.get().runtime.choices)
+    ckpt = None
+    if not cfg.train:
+        ckpt = checkpoint.load(cfg.ckpt_path)
+        if checkpoint.KEY in ckpt:  # rebuild the run that wrote it
+            saved = ckpt[checkpoint.KEY]
+            checkpoint.adopt(cfg, saved, list(HydraConfig.get().overrides.task), cfg.ckpt_path)
+            choices.update({g: saved["choices"].get(g) for g in checkpoint.GROUPS})
     if cfg.seed is not None:
-        L.seed_everything(int(cfg.seed), workers=True)
+        L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = instantiate(cfg.data, _convert_="all")
     net = instantiate(
         cfg.model,
@@ -149,13 +128,15 @@ def train(cfg: DictConfig) -> dict:
         in_channels=datamodule.channels,
         num_classes=datamodule.num_classes,
     )
-    module = Classifier(
-        net, mode=instantiate(cfg.training), num_classes=datamodule.num_classes, **cfg.optim
-    )
+    mode = instantiate(cfg.training)
+    module = Classifier(net, mode=mode, num_classes=datamodule.num_classes, **cfg.optim)
     ddp_ranks_join_this_job()
+    callbacks = build(cfg, "callbacks")
+    if cfg.train:
+        callbacks.append(checkpoint.RunConfig(checkpoint.describe(cfg, choices)))
     trainer = instantiate(
         cfg.trainer,
-        callbacks=build(cfg, "callbacks"),
+        callbacks=callbacks,
         logger=build(cfg, "logger"),
         default_root_dir=str(output_dir),
     )
@@ -165,17 +146,18 @@ def train(cfg: DictConfig) -> dict:
         log.info(
             "training %s (%d blocks) on %s", cfg.model._target_, net.n_blocks, cfg.data._target_
         )
-        ckpt = resume_checkpoint(cfg, output_dir)
-        if ckpt:
-            log.info("resuming from %s", ckpt)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+        resume_from = resume_checkpoint(cfg, output_dir)
+        if resume_from:
+            log.info("resuming from %s", resume_from)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         # the weights tested below are the final ones, also when fit stopped mid-epoch
         trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt")
     else:
-        load_weights(module, cfg.ckpt_path)
+        load_weights(module, ckpt, cfg.ckpt_path)
     results = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     metrics = {k.replace("/", "_"): float(v) for k, v in results.items()}
     metrics["global_step"] = trainer.global_step
+    metrics |= run_facts(cfg, choices, net, mode)
     if trainer.is_global_zero:
         write_json(output_dir / "metrics.json", metrics)
         log.info(
@@ -197,24 +179,6 @@ def check_choices(argv: list[str]) -> None:
                 raise ConfigError(f"unknown {key} {choice!r}: choose one of {', '.join(options)}")
 
 
-SIGTERMED = {"received": False}
-
-
-def watch_sigterm() -> None:
-    """Under Slurm, note a SIGTERM (requeue or preemption) and pass it on to the handler already
-    installed (submitit's); Lightning later chains its own handlers in front of this one."""
-    if "SLURM_JOB_ID" not in os.environ:
-        return
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def note(signum, frame):
-        SIGTERMED["received"] = True
-        if callable(previous):
-            previous(signum, frame)
-
-    signal.signal(signal.SIGTERM, note)
-
-
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     watch_sigterm()
@@ -226,8 +190,7 @@ def main(cfg: DictConfig) -> float | None:
                 raise err.__cause__ from None
             raise
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_with(err)
     except Exception:
         if SIGTERMED["received"]:
             # Slurm is requeueing this job and its SIGTERM broke something on the way (e.g. it
@@ -252,5 +215,5 @@ if __name__ == "__main__":
     try:
         check_choices(sys.argv[1:])
     except ConfigError as err:
-        sys.exit(f"error: {err}")
+        exit_with(err)
     main()

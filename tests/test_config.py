@@ -8,7 +8,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
-import src.run  # noqa: F401  (registers the ${uid:} resolver)
+import src.run  # noqa: F401  (registers the ${uid:} and W&B resolvers)
 from src.models import Network
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -170,7 +170,7 @@ def test_requeued_job_resumes_from_its_checkpoints(tmp_path):
     assert f"resuming from {run / 'hpc_ckpt_1.ckpt'}" in log
     assert json.loads((run / "metrics.json").read_text())["global_step"] == 120
     # all three attempts logged to the job's one W&B run (an offline folder per attempt)
-    run_id = (run / "checkpoints" / "wandb_id").read_text().strip()
+    run_id = (run / "wandb_id").read_text().strip()
     attempts = sorted((run / "wandb").glob("offline-run-*"))
     assert len(attempts) == 3 and all(a.name.endswith(f"-{run_id}") for a in attempts)
     err = _job_logs(sweep)

@@ -1,5 +1,5 @@
 """W&B (offline) per job: the run files hold the analysis tables and images, the run id lives in
-`<run dir>/checkpoints/wandb_id`, and a resumed job continues the same W&B run."""
+`<run dir>/wandb_id`, and a resumed job continues the same W&B run."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import matplotlib
 import pytest
 
 from src.analysis.io import AnalysisCallback, log_to_wandb, save_figure, write_csv
-from src.run import wandb_id
+from src.rundir import wandb_id
 from tests.conftest import run_cli
 
 matplotlib.use("Agg")
@@ -36,9 +36,9 @@ class MediaProbe(AnalysisCallback):
 
 def test_wandb_id_is_created_once_and_kept(tmp_path):
     first = wandb_id(str(tmp_path))
-    assert first == wandb_id(str(tmp_path)) == (tmp_path / "checkpoints" / "wandb_id").read_text()
-    assert len(first) == 16 and not list((tmp_path / "checkpoints").glob(".wandb_id.*"))
-    (tmp_path / "checkpoints" / "wandb_id").write_text("kept1234\n")
+    assert first == wandb_id(str(tmp_path)) == (tmp_path / "wandb_id").read_text()
+    assert len(first) == 16 and not list(tmp_path.glob(".wandb_id.*"))
+    (tmp_path / "wandb_id").write_text("kept1234\n")
     assert wandb_id(str(tmp_path)) == "kept1234"
 
 
@@ -53,7 +53,7 @@ def test_offline_run_holds_media_and_resume_continues_the_run(tmp_path):
         f"hydra.run.dir={run}",
     )
     run_cli(*common, "trainer.max_steps=10")
-    run_id = (run / "checkpoints" / "wandb_id").read_text().strip()
+    run_id = (run / "wandb_id").read_text().strip()
     [first] = list((run / "wandb").glob("offline-run-*"))
     assert first.name.endswith(f"-{run_id}") and (first / f"run-{run_id}.wandb").is_file()
     tables = list((first / "files" / "media" / "table").rglob("*.table.json"))
@@ -66,7 +66,7 @@ def test_offline_run_holds_media_and_resume_continues_the_run(tmp_path):
     run_cli(*common, "trainer.max_steps=20", "resume=true")
     runs = sorted((run / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs)
-    assert (run / "checkpoints" / "wandb_id").read_text().strip() == run_id
+    assert (run / "wandb_id").read_text().strip() == run_id
     last = run / "checkpoints" / "last.ckpt"
     assert f"resuming from {last}" in (run / "run.log").read_text()
     assert json.loads((run / "metrics.json").read_text())["global_step"] == 20

@@ -1,0 +1,108 @@
+"""Self-describing checkpoints: every checkpoint carries the composed config of the run that wrote
+it (as plain data), so that `train=false ckpt_path=<file>` rebuilds that run's network, data and
+evaluation plan without `model=`/`data=`/`training=`/`preset=` repeated on the command line.
+
+Checkpoints are read with `torch.load(..., weights_only=True)`: plain data only, no pickled code.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from src.errors import ConfigError
+
+KEY = "run_config"
+GROUPS = ("model", "data", "training")  # what the checkpoint decides
+CHOICES = (*GROUPS, "preset")
+# Keys that choose how a trained network is read or tested, not what it is: an analysis may set
+# them freely (data location and batch sizes, the test-time rule of block-subset training).
+FREE_PREFIXES = ("data.", "training.test_mode")
+
+
+def describe(cfg: DictConfig, choices: dict) -> dict:
+    """The part of a run's config that defines its trained network, as plain data."""
+    return {
+        "choices": {g: choices.get(g) for g in CHOICES},
+        **{g: OmegaConf.to_container(cfg[g], resolve=True) for g in GROUPS},
+        "seed": cfg.get("seed"),
+    }
+
+
+class RunConfig(L.Callback):
+    """Writes the run's description into every checkpoint Lightning saves."""
+
+    def __init__(self, description: dict):
+        self.description = description
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint[KEY] = self.description
+
+
+def load(path: str | Path, what: str = "ckpt_path") -> dict:
+    """Read a checkpoint of this project (weights_only), or stop with a one-line error."""
+    file = Path(str(path)).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"{what}={path}: no such file; pass the .ckpt of a finished run")
+    fix = "pass a .ckpt written by python -m src.run (<run dir>/checkpoints/last.ckpt)"
+    if not zipfile.is_zipfile(file):
+        raise ConfigError(f"{what}={path} is not a checkpoint (not a torch.save file): {fix}")
+    try:
+        ckpt = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ConfigError(
+            f"{what}={path} holds pickled objects that weights_only loading refuses: {fix}"
+        ) from None
+    except Exception as err:  # truncated or corrupt
+        raise ConfigError(f"{what}={path} cannot be read ({type(err).__name__}): {fix}") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ConfigError(f"{what}={path} is not a Lightning checkpoint (no state_dict): {fix}")
+    return ckpt
+
+
+def _split(override: str) -> tuple[str, str]:
+    key, _, value = override.lstrip("+~").partition("=")
+    return key, value
+
+
+def adopt(cfg: DictConfig, saved: dict, overrides: list[str], path: str) -> None:
+    """Rebuild the checkpoint's network, data and training mode in `cfg` (in place).
+
+    `overrides` are the run's explicit ones (command line and sweep): a group choice or a
+    model/training value that contradicts the checkpoint is a one-line error naming both.
+    """
+    choices = saved.get("choices") or {}
+    for override in overrides:
+        key, value = _split(override)
+        if key in CHOICES:
+            was = choices.get(key)
+            if str(was) != value and not (was is None and value == "null"):
+                raise ConfigError(
+                    f"{key}={value} contradicts checkpoint {path}, which was trained with "
+                    f"{key}={was}: drop {key}= (the checkpoint says what it is; with a "
+                    f"multirun experiment, name {key}={was})"
+                )
+        elif key.split(".")[0] in GROUPS and not key.startswith(FREE_PREFIXES):
+            saved_value = OmegaConf.select(OmegaConf.create(saved), key, default=None)
+            value_now = OmegaConf.select(cfg, key, default=None)
+            if saved_value is not None and _plain(value_now) != _plain(saved_value):
+                raise ConfigError(
+                    f"{key}={value} contradicts checkpoint {path}, which was trained with "
+                    f"{key}={_plain(saved_value)}: drop {key}="
+                )
+    free = {_split(o)[0]: OmegaConf.select(cfg, _split(o)[0]) for o in overrides}
+    with open_dict(cfg):
+        for group in GROUPS:
+            cfg[group] = OmegaConf.create(saved[group])
+        for key, value in free.items():
+            if key.startswith(FREE_PREFIXES):
+                OmegaConf.update(cfg, key, value, force_add=True)
+
+
+def _plain(value):
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value

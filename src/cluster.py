@@ -1,0 +1,145 @@
+"""Slurm and DDP glue: a Slurm launcher that refuses requests no node can meet, Lightning's DDP
+ranks kept inside the current sweep job, and SIGTERM bookkeeping for requeued Slurm jobs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import (
+    SlurmLauncher as _SlurmLauncher,
+)
+from omegaconf import read_write
+
+from src.errors import ConfigError, exit_with
+
+
+def partition_nodes(partition: str | None) -> list[dict] | None:
+    """CPUs, memory (MB) and GPUs of each node of `partition` (the default one if None), from
+    `sinfo`; None where sinfo is missing or says nothing."""
+    if shutil.which("sinfo") is None:
+        return None
+    res = subprocess.run(
+        ["sinfo", "-h", "-N", "-o", "%P|%c|%m|%G"], capture_output=True, text=True, timeout=60
+    )
+    if res.returncode != 0:
+        return None
+    nodes = []
+    for line in res.stdout.splitlines():
+        part, cpus, mem, gres = (line.split("|") + ["", "", "", ""])[:4]
+        default = part.endswith("*")
+        part = part.rstrip("*")
+        if (partition is None and not default) or (partition is not None and part != partition):
+            continue
+        gpus = sum(
+            int(g.split(":")[-1].split("(")[0])
+            for g in gres.split(",")
+            if g.startswith("gpu") and g.split(":")[-1].split("(")[0].isdigit()
+        )
+        nodes.append(
+            {
+                "partition": part,
+                "cpus": int(cpus.rstrip("+")),
+                "mem_mb": int(mem.rstrip("+")),
+                "gpus": gpus,
+            }
+        )
+    return nodes
+
+
+def check_request(params: dict, nodes: list[dict] | None) -> None:
+    """Raise ConfigError when no node of the partition can hold one job of this sweep (Slurm
+    would leave it pending forever with reason PartitionConfig or Resources)."""
+    if nodes is None:
+        return
+    partition = params.get("partition")
+    where = f"partition {partition}" if partition else "the default partition"
+    if not nodes:
+        raise ConfigError(
+            f"Slurm has no {where}: set hydra.launcher.partition=<one listed by sinfo>"
+        )
+    tasks = int(params.get("tasks_per_node") or 1)
+    want = {
+        "cpus": tasks * int(params.get("cpus_per_task") or 1),
+        "mem_mb": int(float(params.get("mem_gb") or 0) * 1024),
+        "gpus": int(params.get("gpus_per_node") or 0),
+    }
+    have = {k: max(n[k] for n in nodes) for k in want}
+    fixes = {
+        "cpus": f"hydra.launcher.cpus_per_task<={have['cpus'] // tasks}",
+        "mem_mb": f"hydra.launcher.mem_gb<={have['mem_mb'] // 1024}",
+        "gpus": "hydra/launcher=slurm (no GPUs) or a GPU partition (hydra.launcher.partition=)",
+    }
+    short = [k for k in want if want[k] > have[k]]
+    if short:
+        fix = " and ".join(fixes[k] for k in short)
+        asked = ", ".join(f"{want[k]} {k.replace('_mb', ' MB')}" for k in short)
+        offered = ", ".join(f"{have[k]} {k.replace('_mb', ' MB')}" for k in short)
+        raise ConfigError(
+            f"this sweep asks Slurm for {asked} per node but the largest node of {where} has "
+            f"{offered}, so its jobs would pend forever: set {fix}"
+        )
+
+
+class SlurmLauncher(_SlurmLauncher):
+    """hydra-submitit-launcher's Slurm launcher that checks the request against the partition
+    before submitting, instead of blocking on jobs that can never start."""
+
+    def launch(self, job_overrides, initial_job_idx):
+        try:
+            check_request(self.params, partition_nodes(self.params.get("partition")))
+        except ConfigError as err:
+            exit_with(err)
+        return super().launch(job_overrides, initial_job_idx)
+
+
+def ddp_ranks_join_this_job() -> None:
+    """Outside Slurm, Lightning starts DDP ranks 1.. by re-running `sys.argv` plus
+    `hydra.run.dir=<hydra.run.dir>`. In a sweep (`-m`) that would re-run the whole sweep into new
+    directories (lightning-hydra-template #393), so point it at this job: its own overrides, run
+    mode, its own directory."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    hydra_cfg = HydraConfig.get()
+    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
+    with read_write(hydra_cfg):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+
+
+def leave_ddp() -> None:
+    """Lightning's DDP launcher leaves its process group and rank variables (LOCAL_RANK, ...) in
+    this process. Clear them after each job, so the next job of a local sweep starts its own ranks
+    instead of taking LOCAL_RANK as a sign that someone else started them."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    for key in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        os.environ.pop(key, None)
+
+
+SIGTERMED = {"received": False}
+
+
+def watch_sigterm() -> None:
+    """Under Slurm, note a SIGTERM (requeue or preemption) and pass it on to the handler already
+    installed (submitit's); Lightning later chains its own handlers in front of this one."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def note(signum, frame):
+        SIGTERMED["received"] = True
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, note)
+
+
+def requeued() -> bool:
+    """True inside a Slurm job that was requeued (it continues its own run directory)."""
+    return int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
