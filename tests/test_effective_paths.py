@@ -11,6 +11,7 @@ from scipy import stats
 from src.analysis.effective_paths import FULL, compare, load_runs, main, report
 from src.errors import ConfigError
 from tests.conftest import run_cli
+from tests.plots import colour_pixels
 
 MODEL = {"_target_": "src.models.preact_resnet_cifar", "blocks_per_stage": 3}
 
@@ -48,9 +49,23 @@ def test_report_compares_arms(tmp_path, k_full):
     assert res["paired_t"]["p_value"] == pytest.approx(stats.ttest_rel(sub, full).pvalue)
     assert res["difference_subset_minus_full"] == pytest.approx(sum(sub) / 4 - sum(full) / 4)
     assert res["significant"] and res["same_step_budget"]
-    for ext in ("json", "md", "png"):
-        assert (tmp_path / f"effective_paths.{ext}").stat().st_size > 0
-    assert "Welch" in (tmp_path / "effective_paths.md").read_text()
+    saved = json.loads((tmp_path / "effective_paths.json").read_text())
+    assert {k: v for k, v in saved.items() if k != "runs"} == json.loads(json.dumps(res))
+    assert sorted((r["arm"], r["seed"], r["test_error"]) for r in saved["runs"]) == sorted(
+        [("k=4/9", s, e) for s, e in enumerate(sub)] + [("full", s, e) for s, e in enumerate(full)]
+    )
+    md = (tmp_path / "effective_paths.md").read_text()
+    assert f"| k=4/9 | 4 | {sum(sub) / 4:.4f} | {stats.tstd(sub):.4f} |" in md
+    assert f"| full | 4 | {sum(full) / 4:.4f} | {stats.tstd(full):.4f} |" in md
+    assert (
+        f"| welch_t | {res['welch_t']['statistic']:.3f} | {res['welch_t']['p_value']:.4f} |" in md
+    )
+    for r in saved["runs"]:  # one row per job
+        assert f"| {r['job']} | {r['arm']} | {r['seed']} | {r['test_error']:.4f} |" in md
+    # one translucent dot per run, each arm in its own colour
+    dots = {"subset": ("C0", 0.6), "full": ("C1", 0.6)}
+    px = colour_pixels(tmp_path / "effective_paths.png", (4, 3.2), dots)
+    assert px["subset"] > 50 and px["full"] > 50
 
 
 def test_identical_arms_are_not_significant(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import random
 from fractions import Fraction
 from math import comb
@@ -23,6 +24,7 @@ from src.analysis.path_stats import (
 )
 from src.errors import ConfigError
 from tests.conftest import run_cli
+from tests.plots import colour_pixels
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 10, 54, 66, 110])
@@ -85,18 +87,37 @@ def test_bad_input_raises(tmp_path, bad):
         path_lengths(str(tmp_path), **bad)
 
 
+def check_path_lengths(out, n: int, k: int, share: float) -> None:
+    """path_lengths.{csv,png} and its summary: n blocks, k trained per mini-batch, window share."""
+    rows = read_csv(out / "path_lengths.csv")
+    assert list(rows[0]) == ["length", "count", "fraction"]
+    assert [int(r["count"]) for r in rows] == [comb(n, x) for x in range(n + 1)]
+    assert [float(r["fraction"]) for r in rows] == pytest.approx(
+        [comb(n, x) / 2**n for x in range(n + 1)]
+    )
+    summary = json.loads((out / "summary.json").read_text())["path_lengths"]
+    assert summary["total_paths"] == str(2**n) and summary["trained_k"] == k
+    lo, hi = shortest_window(length_counts(n), share)
+    assert summary["central_window"] == [lo, hi]
+    assert summary["central_window_actual_share"] == pytest.approx(float(share_between(n, lo, hi)))
+    colours = {"all": "tab:blue", "trained": "tab:orange"}
+    px = colour_pixels(out / "path_lengths.png", (5, 3.2), colours)
+    assert px["all"] > 1000 and px["trained"] > 300  # the bars of every length, the k-curve
+
+
 def test_tasks_write_csvs(tmp_path):
     path_lengths(str(tmp_path), n_blocks=12, share=0.9, k=5)
-    rows = read_csv(tmp_path / "analysis" / "path_lengths.csv")
-    assert [int(r["count"]) for r in rows] == [comb(12, x) for x in range(13)]
+    check_path_lengths(tmp_path / "analysis", 12, 5, 0.9)
     remaining_paths(str(tmp_path), n_blocks=12, deleted=[0, 3])
     rows = read_csv(tmp_path / "analysis" / "remaining_paths.csv")
     assert len(rows) == 26 and list(rows[0]) == ["deleted", "length", "fraction_remaining"]
     by = {(int(r["deleted"]), int(r["length"])): float(r["fraction_remaining"]) for r in rows}
     assert by[(0, 7)] == 1.0 and by[(3, 10)] == 0.0 and by[(3, 2)] == comb(9, 2) / comb(12, 2)
+    colours = {"delete 0": "C0", "delete 3": "C1", "a third curve": "C2"}
+    px = colour_pixels(tmp_path / "analysis" / "remaining_paths.png", (5, 3.2), colours)
+    assert px["delete 0"] > 300 and px["delete 3"] > 300 and px["a third curve"] == 0
     with pytest.raises(ConfigError):
         remaining_paths(str(tmp_path), n_blocks=12, deleted=[13])
-    assert (tmp_path / "analysis" / "path_lengths.png").stat().st_size > 0
 
 
 @pytest.mark.slow
@@ -104,7 +125,7 @@ def test_cli_task_and_one_line_error(tmp_path):
     run_cli(
         "experiment=path_lengths", "task.n_blocks=20", "task.k=5", f"hydra.run.dir={tmp_path / 'a'}"
     )
-    assert (tmp_path / "a" / "analysis" / "path_lengths.png").exists()
+    check_path_lengths(tmp_path / "a" / "analysis", 20, 5, 0.95)  # the experiment's share
     res = run_cli(
         "experiment=remaining_paths", "task.deleted=[60]", f"hydra.run.dir={tmp_path}", check=False
     )

@@ -13,6 +13,7 @@ from scipy import stats
 from src import report as rep
 from src.analysis.io import write_csv
 from tests.conftest import run_cli
+from tests.plots import colour_pixels
 
 SEEDS = (0, 1, 2)
 MODELS = ("resnet110", "vgg15")
@@ -97,6 +98,12 @@ def test_report_cli_writes_figures_and_summary(tmp_path):
         "delete_single.png",
         "gradient_paths.png",  # reorder.csv is absent: no figure, no section
     }
+    # a curve (and its CI band) per model; gradient paths were measured for resnet110 only
+    for name, models in (("delete_many", 2), ("delete_single", 2), ("gradient_paths", 1)):
+        curves = {"resnet110": "C0", "vgg15": "C1", "band": ("C0", 0.25)}
+        px = colour_pixels(out / f"{name}.png", (5, 3.5), curves)
+        assert px["resnet110"] > 100 and (px["vgg15"] > 100) == (models == 2), (name, px)
+    assert colour_pixels(out / "delete_many.png", (5, 3.5), curves)["band"] > 1000  # 3 seeds
     md = (out / "report.md").read_text()
     assert "6 finished jobs" in md and "swept: model" in md
     assert "**Paper:**" in md and "Fig. 5b" not in md
