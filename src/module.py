@@ -57,7 +57,7 @@ class Classifier(L.LightningModule):
             raise ConfigError("optim.lr must be positive; weight_decay and warmup_steps >= 0")
         self.net = net
         self.mode = mode or Standard()
-        self.mode.check(net.n_blocks)
+        self.mode.check(net)
         self.schedule = StepSchedule(lr, milestones, gamma, warmup_steps, warmup_lr)
         self.optim = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
         self.metrics = torch.nn.ModuleDict(

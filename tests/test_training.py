@@ -1,14 +1,17 @@
 """Training modes: block subset runs exactly k blocks (counted), stochastic depth schedule,
-the paper's lr schedule, and one real training step through the LightningModule."""
+modes a network without shortcuts cannot take, the paper's lr schedule, and training through the
+LightningModule: gradients reach exactly the blocks the mode trains."""
 
 import lightning as L
 import pytest
 import torch
 
+from src.data import DigitsDataModule, SyntheticDataModule
 from src.errors import ConfigError
-from src.models import Plan, preact_resnet_cifar
+from src.models import Plan, preact_resnet_cifar, vgg15
 from src.module import Classifier, StepSchedule
 from src.training import BlockSubset, Standard, StochasticDepth
+from tests.conftest import run_cli
 
 
 def count_block_runs(net):
@@ -42,13 +45,14 @@ def test_block_subset_runs_exactly_k_blocks_forward_and_backward():
 
 
 def test_block_subset_test_modes():
+    resnet110 = preact_resnet_cifar(18)  # 54 blocks
     assert BlockSubset(k=23).eval_plan(54) is None
     assert BlockSubset(k=23, test_mode="rescale").eval_plan(54).residual_scale == pytest.approx(
         23 / 54
     )
     for k in (0, 55):
         with pytest.raises(ConfigError, match="outside 1..54"):
-            BlockSubset(k=k).check(54)
+            BlockSubset(k=k).check(resnet110)
     with pytest.raises(ConfigError):
         BlockSubset(test_mode="sometimes")
 
@@ -97,22 +101,84 @@ def quiet_trainer(root, **kwargs) -> L.Trainer:
     )
 
 
-@pytest.mark.parametrize("mode", [Standard(), StochasticDepth(), BlockSubset(k=2)])
-def test_a_training_step_through_lightning_lowers_the_loss(mode, tmp_path):
-    L.seed_everything(0)
-    from src.data import SyntheticDataModule
+class BlocksWithGradient(L.Callback):
+    """After each backward pass: the blocks whose residual branch got a non-zero gradient."""
 
+    def __init__(self):
+        self.steps: list[set[int]] = []
+
+    def on_after_backward(self, trainer, pl_module):
+        def trained(block):
+            branch = block.layers if hasattr(block, "layers") else block.layer  # ResNet / VGG
+            return any(p.grad is not None and bool(p.grad.any()) for p in branch.parameters())
+
+        self.steps.append({i for i, b in enumerate(pl_module.net.blocks) if trained(b)})
+
+
+def fit_synthetic(mode, root, net=None, steps=12) -> tuple[L.Trainer, list[set[int]]]:
+    L.seed_everything(0)
     dm = SyntheticDataModule(shape=(1, 8, 8), n_train=64, n_test=32, batch_size=32)
-    module = Classifier(preact_resnet_cifar(1, in_channels=1), mode=mode, warmup_steps=0, lr=0.05)
-    trainer = quiet_trainer(tmp_path, max_steps=12)
+    net = net or preact_resnet_cifar(1, in_channels=1)  # 3 blocks
+    module = Classifier(net, mode=mode, warmup_steps=0, lr=0.05)
+    seen = BlocksWithGradient()
+    trainer = quiet_trainer(root, max_steps=steps, callbacks=[seen])
     trainer.fit(module, dm)
-    assert trainer.global_step == 12
+    assert trainer.global_step == steps
+    return trainer, seen.steps
+
+
+def test_standard_training_trains_every_block_and_lowers_the_loss(tmp_path):
+    trainer, steps = fit_synthetic(Standard(), tmp_path)
+    assert steps == [{0, 1, 2}] * 12
     assert trainer.callback_metrics["train/loss"] < 2.3  # ln(10): better than chance
 
 
-def test_same_seed_same_weights(tmp_path):
-    from src.data import DigitsDataModule
+def test_block_subset_training_trains_k_blocks_per_step(tmp_path):
+    _, steps = fit_synthetic(BlockSubset(k=2), tmp_path)
+    assert all(len(s) == 2 for s in steps)
+    assert len({frozenset(s) for s in steps}) > 1  # a new subset each step
 
+
+def test_stochastic_depth_training_drops_blocks(tmp_path):
+    # survival 5/6, 4/6, 3/6: in 12 steps all three run in only (5/6 * 4/6 * 3/6)^12 ~ 2e-7
+    _, steps = fit_synthetic(StochasticDepth(final_survival=0.5), tmp_path)
+    assert any(len(s) < 3 for s in steps) and all(s <= {0, 1, 2} for s in steps)
+    dropped = [sum(i not in s for s in steps) for i in range(3)]
+    assert dropped[0] <= dropped[2]  # the last block is dropped most often (p = 1/2)
+
+
+def test_block_subset_trains_k_layers_of_a_plain_network(tmp_path):
+    """VGG: a layer left out is the identity (as when it is deleted at test time)."""
+    net = vgg15(width=8, stage_layers=(2, 1), in_channels=1)
+    _, steps = fit_synthetic(BlockSubset(k=2), tmp_path, net=net, steps=4)
+    assert all(len(s) == 2 for s in steps)
+
+
+def test_modes_that_need_shortcuts_refuse_a_plain_network():
+    net = vgg15(width=8, stage_layers=(2, 1), in_channels=1)
+    with pytest.raises(ConfigError, match="model=vgg15.*training=standard"):
+        Classifier(net, mode=StochasticDepth())
+    with pytest.raises(ConfigError, match="test_mode=full"):
+        Classifier(net, mode=BlockSubset(k=2, test_mode="rescale"))
+
+
+@pytest.mark.slow
+def test_cli_refuses_stochastic_depth_on_vgg_before_any_work(tmp_path):
+    res = run_cli(
+        "preset=quick",
+        "model=vgg15",
+        "training=stochastic_depth",
+        "logger=csv",
+        f"hydra.run.dir={tmp_path}",
+        check=False,
+    )
+    assert res.returncode == 2
+    line = res.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: training=stochastic_depth") and "model=vgg15" in line
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_same_seed_same_weights(tmp_path):
     def fit_once():
         L.seed_everything(0, workers=True)
         module = Classifier(preact_resnet_cifar(1, in_channels=1), mode=BlockSubset(k=2))
