@@ -1,6 +1,9 @@
 """The LightningModule: a `Network`, a training mode that hands it a plan per step, and the paper's
 CIFAR recipe (He et al. 2016): SGD momentum 0.9, weight decay 1e-4, lr 0.1 divided by 10 at 32k
 and 48k iterations, 64k iterations, lr 0.01 for the first 400 iterations (ResNet-110 warm-up).
+
+The draws of training step t (the mode's plan, stochastic depth) come from (seed, t)
+(`src/seeds.py`): the same on every DDP rank, and again the same when a resumed run redoes step t.
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
+from src import seeds
 from src.errors import ConfigError
 from src.models.network import Network, Plan
-from src.training import Standard, TrainingMode
+from src.training import RequeueBetweenSteps, Standard, TrainingMode
 
 
 class StepSchedule:
@@ -58,6 +62,7 @@ class Classifier(L.LightningModule):
         self.net = net
         self.mode = mode or Standard()
         self.mode.check(net)
+        self.seed: int | None = None  # the run's seed, set in `setup`
         self.schedule = StepSchedule(lr, milestones, gamma, warmup_steps, warmup_lr)
         self.optim = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
         self.metrics = torch.nn.ModuleDict(
@@ -75,9 +80,17 @@ class Classifier(L.LightningModule):
     def forward(self, x: torch.Tensor, plan: Plan | None = None) -> torch.Tensor:
         return self.net(x, plan if plan is not None else self.eval_plan)
 
+    def setup(self, stage: str) -> None:
+        self.seed = seeds.run_seed(self.trainer)  # every rank calls setup: a seed=null is shared
+
+    def configure_callbacks(self):
+        return [RequeueBetweenSteps()]
+
     def training_step(self, batch, batch_idx: int):
         x, y = batch
-        logits = self.net(x, self.mode.train_plan(self.net.n_blocks))
+        seed = seeds.run_seed() if self.seed is None else self.seed
+        with seeds.seeded(seeds.derive(seed, "blocks", self.global_step), x.device):
+            logits = self.net(x, self.mode.train_plan(self.net.n_blocks))
         loss = F.cross_entropy(logits, y)
         self.metrics["train_acc"].update(logits, y)
         self.log("train/loss", loss, prog_bar=True)
@@ -91,8 +104,11 @@ class Classifier(L.LightningModule):
         self.log(f"{split}/loss", F.cross_entropy(logits, y), sync_dist=True)
 
     def _epoch_end(self, split: str) -> None:
-        acc = self.metrics[f"{split}_acc"].compute()  # synced across DDP ranks by torchmetrics
-        self.metrics[f"{split}_acc"].reset()
+        metric = self.metrics[f"{split}_acc"]
+        if not metric.update_called:  # an epoch resumed at its end: no batches in this process
+            return
+        acc = metric.compute()  # synced across DDP ranks by torchmetrics
+        metric.reset()
         self.log(f"{split}/acc", acc)
         self.log(f"{split}/error", 1.0 - acc, prog_bar=split != "test")
 

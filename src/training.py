@@ -15,10 +15,20 @@ On a network without shortcuts (`model=vgg15`) a deleted layer is the identity, 
 study, so `block_subset` trains k of its plain layers per mini-batch (test_mode=full only: there
 is no residual branch to rescale); `stochastic_depth` is refused, since it rescales a residual
 branch that a plain layer does not have.
+
+The draws of `train_plan` and of the forward pass it plans (stochastic depth) use torch's global
+generator, which `Classifier.training_step` seeds from (run seed, step) for that step only: every
+DDP rank runs the same blocks, and a resumed run draws what the uninterrupted one drew.
+`RequeueBetweenSteps` keeps Slurm's requeue checkpoint at a step boundary, where Lightning
+resumes exactly.
 """
 
 from __future__ import annotations
 
+import signal
+import threading
+
+import lightning as L
 import torch
 
 from src.errors import ConfigError
@@ -90,3 +100,49 @@ class BlockSubset(TrainingMode):
         if self.test_mode == "rescale":
             return Plan(residual_scale=self.k / n_blocks)
         return None
+
+
+class RequeueBetweenSteps(L.Callback):
+    """Hold Slurm's requeue signal while a training step runs, and hand it to Lightning at the
+    step's end.
+
+    On the signal (SIGUSR1, 90 s before the time limit) Lightning saves `hpc_ckpt_<n>.ckpt` at
+    once, which may be halfway through an optimizer update: no resume could continue that
+    exactly. At `on_train_batch_end` the step is complete (weights, optimizer, lr schedule) and
+    Lightning resumes after it, as from a `ModelCheckpoint(every_n_train_steps=...)` checkpoint.
+    Only acts where Lightning installed a handler for the signal (Slurm with auto-requeue).
+    """
+
+    def __init__(self, signum: int = signal.SIGUSR1):
+        self.signum, self.handler, self.in_step, self.pending = signum, None, False, None
+
+    def _hold(self, signum, frame) -> None:
+        if self.in_step:
+            self.pending = (signum, frame)
+        else:
+            self.handler(signum, frame)
+
+    def _release(self) -> None:
+        self.in_step = False
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            self.handler(*pending)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        handler = signal.getsignal(self.signum)
+        if callable(handler) and threading.current_thread() is threading.main_thread():
+            self.handler = handler
+            signal.signal(self.signum, self._hold)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.in_step = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.handler is not None:
+            self._release()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.handler is not None:
+            signal.signal(self.signum, self.handler)
+            self._release()
+            self.handler = None

@@ -1,14 +1,10 @@
 """End to end through the real CLI (`python -m src.run`) in subprocesses."""
 
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import run_cli
 
 TINY = ("preset=quick", "model=resnet20", "trainer.max_steps=30")
 
@@ -61,30 +57,3 @@ def test_bad_input_gets_one_line_error_and_nonzero_exit(tmp_path):
         assert res.returncode != 0, overrides
         line = last_line(res.stderr)
         assert line.startswith("error:") and hint in line, (overrides, res.stderr[-500:])
-
-
-@pytest.mark.slow
-def test_killed_run_resumes_from_last_checkpoint(tmp_path):
-    args = [*TINY, "trainer.max_steps=120", "logger=csv", f"hydra.run.dir={tmp_path}"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "src.run", *args],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    last = tmp_path / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 300
-    while not last.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert last.exists(), "no checkpoint before the kill"
-    assert not (tmp_path / "metrics.json").exists(), "the run finished before it was killed"
-    import torch
-
-    killed_at = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
-    assert 0 < killed_at < 120
-    res = run_cli(*args, "resume=true")
-    assert "Restoring states from the checkpoint" in res.stdout + res.stderr
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["global_step"] == 120

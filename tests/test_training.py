@@ -1,6 +1,7 @@
 """Training modes: block subset runs exactly k blocks (counted), stochastic depth schedule,
 modes a network without shortcuts cannot take, the paper's lr schedule, and training through the
-LightningModule: gradients reach exactly the blocks the mode trains."""
+LightningModule: gradients reach exactly the blocks the mode trains, and modes share data and
+augmentation."""
 
 import lightning as L
 import pytest
@@ -176,6 +177,21 @@ def test_cli_refuses_stochastic_depth_on_vgg_before_any_work(tmp_path):
     line = res.stderr.strip().splitlines()[-1]
     assert line.startswith("error: training=stochastic_depth") and "model=vgg15" in line
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_modes_with_one_seed_see_the_same_data_and_augmentation(tmp_path):
+    """Block subset with k = n runs every block each step: with the same seed it must train
+    exactly like standard training, so the two arms differ only in the blocks they run."""
+
+    def fit_once(mode):
+        L.seed_everything(0)
+        module = Classifier(preact_resnet_cifar(1, in_channels=1), mode=mode, warmup_steps=0)
+        trainer = quiet_trainer(tmp_path, max_steps=25, limit_val_batches=0)  # 1.3 epochs
+        trainer.fit(module, DigitsDataModule(batch_size=64, augment=True, padding=1))
+        return module.state_dict()
+
+    standard, all_blocks = fit_once(Standard()), fit_once(BlockSubset(k=3))
+    assert all(torch.equal(standard[k], all_blocks[k]) for k in standard)
 
 
 def test_same_seed_same_weights(tmp_path):

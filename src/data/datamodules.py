@@ -2,7 +2,9 @@
 digits (real 8x8 images that need no network: `preset=quick` and the tests) and synthetic tensors.
 
 Small datasets are held as whole tensors; augmentation and normalisation run on each batch after
-it reached its device (`on_after_batch_transfer`), as tensor ops.
+it reached its device (`on_after_batch_transfer`), as tensor ops. Their training order and
+augmentation are functions of the run's seed and Lightning's counters (`src/seeds.py`), so a run
+resumed from any of its checkpoints sees the same batches as the uninterrupted run.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from src import seeds
 from src.data.augment import normalize, random_crop_flip
+from src.data.sampler import EpochSampler, ResumableLoader
 from src.errors import ConfigError
 
 
@@ -84,14 +88,30 @@ class TensorDataModule(L.LightningDataModule):
     def _loader(self, split: str, train: bool) -> DataLoader:
         if not self.splits:
             self.setup()
-        return DataLoader(
-            self.splits[split],
+        data = self.splits[split]
+        return (ResumableLoader if train else DataLoader)(
+            data,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            sampler=None if train else _unrepeated_sampler(self.splits[split]),
+            sampler=self._train_sampler(data) if train else _unrepeated_sampler(data),
             drop_last=train and len(self.splits[split]) > self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+        )
+
+    def _train_sampler(self, data: TensorDataset) -> EpochSampler:
+        """This rank's share of the order of (seed, epoch), resuming after the batches that
+        Lightning's progress counts as done in this epoch."""
+        trainer = self.trainer
+        if trainer is None:
+            return EpochSampler(data, seeds.derive(seeds.run_seed(), "order"), self.batch_size)
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        return EpochSampler(
+            data,
+            seeds.derive(seeds.run_seed(trainer), "order"),
+            self.batch_size,
+            num_replicas=trainer.world_size,
+            rank=trainer.global_rank,
+            position=lambda: (trainer.current_epoch, progress.current.ready),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -106,16 +126,25 @@ class TensorDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test", False)
 
-    def transform(self, x: torch.Tensor, train: bool) -> torch.Tensor:
-        """Batch augmentation (train only) then normalisation, on the batch's device."""
+    def transform(
+        self, x: torch.Tensor, train: bool, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Batch augmentation (train only, drawn from `generator`) then normalisation, on the
+        batch's device."""
         if train and self.augment:
-            x = random_crop_flip(x, self.padding)
+            x = random_crop_flip(x, self.padding, generator=generator)
         return normalize(x, torch.tensor(self.mean), torch.tensor(self.std), self.scale)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         x, y = batch
-        training = self.trainer is not None and self.trainer.training
-        return self.transform(x, training), y
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return self.transform(x, False), y
+        # the augmentation of step t on rank r: the same whenever step t is (re)run
+        step = seeds.generator(
+            seeds.run_seed(trainer), "augment", trainer.global_step, trainer.global_rank
+        )
+        return self.transform(x, True, step), y
 
 
 class DigitsDataModule(TensorDataModule):
