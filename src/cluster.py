@@ -1,4 +1,4 @@
-"""Slurm and DDP glue: a Slurm launcher that refuses requests no node can meet, Lightning's DDP
+"""Slurm and DDP glue: a check that refuses Slurm requests no node can meet, Lightning's DDP
 ranks kept inside the current sweep job, and SIGTERM bookkeeping for requeued Slurm jobs."""
 
 from __future__ import annotations
@@ -11,11 +11,9 @@ import sys
 
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from hydra_plugins.hydra_submitit_launcher.submitit_launcher import (
-    SlurmLauncher as _SlurmLauncher,
-)
-from omegaconf import read_write
+from omegaconf import DictConfig, OmegaConf, read_write
 
 from src.errors import ConfigError, exit_with
 
@@ -74,29 +72,34 @@ def check_request(params: dict, nodes: list[dict] | None) -> None:
     fixes = {
         "cpus": f"hydra.launcher.cpus_per_task<={have['cpus'] // tasks}",
         "mem_mb": f"hydra.launcher.mem_gb<={have['mem_mb'] // 1024}",
-        "gpus": "hydra/launcher=slurm (no GPUs) or a GPU partition (hydra.launcher.partition=)",
+        "gpus": "hydra.launcher.partition=<a partition with GPUs> (or hydra/launcher=slurm)",
     }
     short = [k for k in want if want[k] > have[k]]
     if short:
         fix = " and ".join(fixes[k] for k in short)
-        asked = ", ".join(f"{want[k]} {k.replace('_mb', ' MB')}" for k in short)
-        offered = ", ".join(f"{have[k]} {k.replace('_mb', ' MB')}" for k in short)
+        unit = {"cpus": "CPUs", "mem_mb": "MB of memory", "gpus": "GPUs"}
+        asked = ", ".join(f"{want[k]} {unit[k]}" for k in short)
+        offered = ", ".join(f"{have[k]} {unit[k]}" for k in short)
         raise ConfigError(
             f"this sweep asks Slurm for {asked} per node but the largest node of {where} has "
             f"{offered}, so its jobs would pend forever: set {fix}"
         )
 
 
-class SlurmLauncher(_SlurmLauncher):
-    """hydra-submitit-launcher's Slurm launcher that checks the request against the partition
-    before submitting, instead of blocking on jobs that can never start."""
+class CheckSlurmRequest(Callback):
+    """Hydra callback: before a sweep goes to Slurm (hydra/launcher=slurm*), check its request
+    against the partition and stop with a one-line error instead of blocking on jobs that can
+    never start."""
 
-    def launch(self, job_overrides, initial_job_idx):
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        launcher = config.hydra.launcher
+        if not str(launcher.get("_target_", "")).endswith("SlurmLauncher"):
+            return
+        params = OmegaConf.to_container(launcher, resolve=True)
         try:
-            check_request(self.params, partition_nodes(self.params.get("partition")))
+            check_request(params, partition_nodes(params.get("partition")))
         except ConfigError as err:
             exit_with(err)
-        return super().launch(job_overrides, initial_job_idx)
 
 
 def ddp_ranks_join_this_job() -> None:

@@ -33,6 +33,20 @@ from src.rundir import refuse_to_overwrite
 log = logging.getLogger("src.run")
 USER_ERRORS = (ConfigError, DataUnavailable, FileNotFoundError)
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+class DropNoise(logging.Filter):
+    """Lightning's advertisements and notices about defaults a user did not choose to see."""
+
+    NOISE = ("💡 Tip:", "`weights_only` was not set", "Seed set to")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.NOISE)
+
+
+for _name in ("lightning.pytorch", "lightning.fabric"):
+    for _handler in logging.getLogger(_name).handlers:  # Lightning's own console handlers
+        _handler.addFilter(DropNoise())
 # Library deprecation notices a user can do nothing about (Lightning's own use of torch APIs).
 warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec.*")
 # Lightning's hint for Slurm login nodes: a local run there is deliberate; jobs use srun already.
@@ -142,6 +156,14 @@ def train(cfg: DictConfig) -> dict:
     )
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    if "SLURM_JOB_ID" in os.environ:
+        log.info(
+            "in Slurm job %s (task %s of %s, restart %s)",
+            os.environ["SLURM_JOB_ID"],
+            os.environ.get("SLURM_PROCID", "0"),
+            os.environ.get("SLURM_NTASKS", "1"),
+            os.environ.get("SLURM_RESTART_COUNT", "0"),
+        )
     if cfg.train:
         log.info(
             "training %s (%d blocks) on %s", cfg.model._target_, net.n_blocks, cfg.data._target_

@@ -1,16 +1,30 @@
-"""Shared test helpers: run the real CLI in a subprocess, and train small digits networks once
-per session so that analysis tests can load their checkpoints (`train=false ckpt_path=...`)."""
+"""Shared test helpers: run the real CLI in a subprocess, copy the repository the way a user
+clones it, and train small digits networks once per session (shared by pytest-xdist workers) so
+that analysis tests can load their checkpoints (`train=false ckpt_path=...`)."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[1]
+# The README's quick-start command (also checked against the README in tests/test_docs.py).
+QUICKSTART = "python -m src.run experiment=delete_single preset=quick"
+
+
+def cli_env(env: dict | None = None) -> dict:
+    """The environment of a CLI run: W&B offline and quiet, one intra-op thread per process
+    (tests run side by side on a small CPU; oversubscribed threads make them crawl)."""
+    base = {"WANDB_SILENT": "true", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    return {**os.environ, **base, **(env or {})}
 
 
 def run_cli(
@@ -19,13 +33,13 @@ def run_cli(
     timeout: float = 900,
     module: str = "src.run",
     env: dict | None = None,
+    cwd: Path = REPO,
 ) -> subprocess.CompletedProcess:
-    """`python -m src.run <overrides>` from the repo root; raises with stderr on failure."""
-    full_env = {**os.environ, "WANDB_SILENT": "true", "WANDB_MODE": "offline", **(env or {})}
+    """`python -m src.run <overrides>` from `cwd` (the repo root); raises with stderr on failure."""
     res = subprocess.run(
         [sys.executable, "-m", module, *overrides],
-        cwd=REPO,
-        env=full_env,
+        cwd=cwd,
+        env=cli_env(env),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -35,21 +49,86 @@ def run_cli(
     return res
 
 
+def fresh_copy(dest: Path) -> Path:
+    """The repository as a fresh clone has it: tracked files (and new, not ignored ones), no
+    outputs/, data/ or .venv/. Commands run with it as working directory import its `src`."""
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
+    for name in filter(None, files):
+        src = REPO / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def shared_tmp(tmp_path_factory) -> Path:
+    """A temp dir shared by all pytest-xdist workers of this session (their common parent)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def once(tmp_path_factory, name: str, make: Callable[[Path], object]) -> Path:
+    """Run `make(dir)` once per session across xdist workers; later callers get the same dir."""
+    root = shared_tmp(tmp_path_factory) / "once"
+    root.mkdir(exist_ok=True)
+    out, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            make(out)
+            done.touch()
+    return out
+
+
+def newest(pattern: str, root: Path) -> Path:
+    found = sorted(root.glob(pattern))
+    assert found, f"nothing matches {root}/{pattern}"
+    return found[-1]
+
+
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory):
+def quickstart(tmp_path_factory) -> Path:
+    """The README's quick-start command, as written, in a fresh copy of the repository: returns
+    the copy (its results are in outputs/delete_single/multirun_*/)."""
+
+    def make(copy: Path) -> None:
+        fresh_copy(copy)
+        run_cli(*QUICKSTART.split()[3:], cwd=copy)
+
+    return once(tmp_path_factory, "quickstart", make)
+
+
+def quickstart_jobs(copy: Path) -> dict[str, Path]:
+    """model name -> job dir of the quick-start sweep."""
+    sweep = newest("outputs/delete_single/multirun_*", copy)
+    jobs = [p for p in sweep.iterdir() if (p / "metrics.json").exists()]
+    return {json.loads((p / "metrics.json").read_text())["model"]: p for p in jobs}
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, quickstart):
     """trained("resnet110") -> run dir of `model=resnet110 preset=quick`, trained once per session.
 
-    Extra overrides may be passed; each distinct call trains once."""
-    cache: dict[tuple, Path] = {}
+    ResNet-110 and VGG-15 come from the README's quick-start sweep (the same trainings); other
+    models, or extra overrides, train once per distinct call."""
 
     def get(model: str, *overrides: str) -> Path:
-        key = (model, *overrides)
-        if key not in cache:
-            out = tmp_path_factory.mktemp(f"trained_{model}")
+        if not overrides and model in ("resnet110", "vgg15"):
+            return quickstart_jobs(quickstart)[model]
+        name = "trained_" + "_".join([model, *overrides]).replace("/", "-").replace("=", "-")
+
+        def make(out: Path) -> None:
             run_cli(
                 f"model={model}", "preset=quick", "logger=csv", f"hydra.run.dir={out}", *overrides
             )
-            cache[key] = out
-        return cache[key]
+
+        return once(tmp_path_factory, name, make)
 
     return get

@@ -1,0 +1,474 @@
+"""Every command the docs show, run as a user types it.
+
+The commands are read from README.md and experiments/*.md (so docs and tests cannot drift apart)
+and run in a fresh copy of the repository as working directory, with no `hydra.run.dir`,
+`hydra.sweep.dir` or `paths.*` overrides. A test appends only overrides that shorten a run
+(`SHORTEN`); placeholders such as `<sweep dir>` become the results of an earlier command. Commands
+that need a GPU, CIFAR or ImageNet run until their documented one-line error. Each command must
+match exactly one rule below: a new documented command without a rule fails
+`test_every_documented_command_has_a_rule`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import pytest
+import torch
+import yaml
+
+from src.analysis.io import read_csv
+from tests.conftest import (
+    QUICKSTART,
+    REPO,
+    fresh_copy,
+    newest,
+    once,
+    quickstart_jobs,
+    run_cli,
+)
+
+DOCS = [REPO / "README.md", *sorted((REPO / "experiments").glob("*.md"))]
+HAS_SLURM = shutil.which("sinfo") is not None and (
+    subprocess.run(["sinfo"], capture_output=True).returncode == 0
+)
+INSTALL = "python -m venv .venv && . .venv/bin/activate && pip install -e '.[dev]' && "
+
+
+def documented_commands() -> list[str]:
+    """`python -m src...` commands of the docs: bash blocks (with `\\` continuations joined,
+    comments dropped and `$VAR` set earlier in the block expanded) and inline code spans."""
+    found: list[str] = []
+    for doc in DOCS:
+        text = doc.read_text()
+        for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+            env: dict[str, str] = {}
+            for line in block.replace("\\\n", " ").splitlines():
+                if m := re.fullmatch(r'\s*([A-Z_]+)="(.*)"\s*', line):
+                    env[m[1]] = m[2]
+                    continue
+                line = re.sub(r"\s+#.*$", "", line)
+                for name, value in env.items():
+                    line = line.replace(f"${name}", value)
+                if "python -m src" in line:
+                    found.append(" ".join(line.split()))
+        found += [" ".join(s.split()) for s in re.findall(r"`(python -m src[^`]*)`", text)]
+    return list(dict.fromkeys(found))
+
+
+def words(command: str, subs: dict[str, str] | None = None) -> list[str]:
+    """The arguments after `python -m <module>`, placeholders (`<sweep dir>`) replaced first."""
+    for placeholder, value in (subs or {}).items():
+        command = command.replace(placeholder, value)
+    return command.split()[3:]
+
+
+# Overrides a test may append: they shorten a run, never change where it writes or its defaults.
+SHORTEN = {
+    "train": ["trainer.max_steps=20"],
+    "delete_many": ["callbacks.delete_many.trials=2"],
+    "reorder": ["callbacks.reorder.trials=2"],
+    "gradient_paths": ["callbacks.gradient_paths.samples=2", "callbacks.gradient_paths.batches=1"],
+}
+
+
+def shortened(command: str, *studies: str) -> list[str]:
+    extra = [o for s in ("train", *studies) for o in SHORTEN[s]]
+    return [*words(command), *extra]
+
+
+def analysis(run: Path, name: str) -> list[dict]:
+    return read_csv(run / "analysis" / f"{name}.csv")
+
+
+def assert_figure(path: Path, min_pixels: int = 300) -> None:
+    """A real plot: a PNG of sensible size with more than one colour."""
+    image = mpimg.imread(path)
+    assert min(image.shape[:2]) >= min_pixels, (path, image.shape)
+    assert len({tuple(p) for p in image.reshape(-1, image.shape[-1])[::97]}) > 2, path
+
+
+def one_line_error(res: subprocess.CompletedProcess, *needles: str) -> str:
+    assert res.returncode == 2, (res.returncode, res.stderr[-3000:])
+    line = res.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: "), res.stderr[-3000:]
+    for needle in needles:
+        assert needle in line, line
+    return line
+
+
+def single_run(copy: Path, experiment: str) -> Path:
+    """The one run directory a command left in outputs/<experiment>/ (docs: <time>_<id>/)."""
+    runs = [p for p in (copy / "outputs" / experiment).iterdir() if p.is_dir()]
+    assert len(runs) == 1 and re.fullmatch(
+        r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_[0-9a-f]{6}", runs[0].name
+    )
+    return runs[0]
+
+
+def sweep_dir(copy: Path, experiment: str) -> Path:
+    [sweep] = (copy / "outputs" / experiment).glob("multirun_*")
+    return sweep
+
+
+# --------------------------------------------------------------------------------------------
+# Commands whose results later commands read (each runs once per session, in its own copy)
+
+
+def ran(tmp_path_factory, name: str, *args: str, module: str = "src.run") -> Path:
+    """A fresh copy in which `python -m <module> <args>` ran (once per session)."""
+
+    def make(copy: Path) -> None:
+        fresh_copy(copy)
+        run_cli(*args, module=module, cwd=copy)
+
+    return once(tmp_path_factory, name, make)
+
+
+def gradient_paths_quick(tmp_path_factory) -> Path:
+    cmd = "python -m src.run experiment=gradient_paths preset=quick"
+    return ran(tmp_path_factory, "doc_gradient_paths", *shortened(cmd, "gradient_paths"))
+
+
+def effective_paths_quick(tmp_path_factory) -> Path:
+    cmd = "python -m src.run experiment=effective_paths preset=quick"
+    return ran(tmp_path_factory, "doc_effective_paths", *shortened(cmd))
+
+
+def slurm_sweep(tmp_path_factory) -> Path:
+    [cmd] = [c for c in documented_commands() if "hydra/launcher=slurm " in c]
+    return ran(tmp_path_factory, "doc_slurm_sweep", *words(cmd))
+
+
+# --------------------------------------------------------------------------------------------
+# Rules: what running a documented command must leave where the docs say
+
+
+def check_quickstart(command, tmp_path_factory, tmp_path):
+    """README quick start: ResNet-110 and VGG-15 trained on digits, then Fig. 3. The install
+    prefix runs verbatim in .ci/run; here the command itself, unshortened."""
+    assert command in (QUICKSTART, INSTALL + QUICKSTART)
+    copy = once(tmp_path_factory, "quickstart", lambda c: None)  # made by the fixture
+    sweep = newest("outputs/delete_single/multirun_*", copy)
+    jobs = quickstart_jobs(copy)
+    assert sorted(jobs) == ["resnet110", "vgg15"]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    res, vgg = (json.loads((jobs[m] / "metrics.json").read_text()) for m in ("resnet110", "vgg15"))
+    assert res["global_step"] == vgg["global_step"] == 400
+    assert (res["n_blocks"], vgg["n_blocks"], res["data"], res["training"]) == (
+        54,
+        13,
+        "digits",
+        "standard",
+    )
+    # measured 0.025 (ResNet-110) and 0.011 (VGG-15): experiments/lesions.md
+    assert res["test_error"] <= 0.03 and vgg["test_error"] <= 0.05
+    assert len(analysis(jobs["resnet110"], "delete_single")) == 54
+    vgg_rows = analysis(jobs["vgg15"], "delete_single")
+    assert len(vgg_rows) == 13 and min(float(r["error"]) for r in vgg_rows) > 0.5
+    assert_figure(sweep / "delete_single.png")
+    for job in jobs.values():
+        assert (job / "checkpoints" / "last.ckpt").is_file() and (job / "run.log").is_file()
+        [wandb_run] = (job / "wandb").glob("offline-run-*")
+        assert list(wandb_run.glob("run-*.wandb"))
+
+
+def check_quick_experiment(command, tmp_path_factory, tmp_path):
+    """`experiment=<figure> preset=quick`: trains on digits, writes the figure's table."""
+    experiment = re.search(r"experiment=(\w+)", command)[1]
+    copy = fresh_copy(tmp_path)
+    studies = [s for s in ("delete_many", "reorder") if s == experiment]
+    run_cli(*shortened(command, *studies), cwd=copy)
+    if experiment == "stochastic_depth":  # a multirun: both trainings, one overlay figure
+        sweep = sweep_dir(copy, experiment)
+        trainings = set()
+        for job in (sweep / "0", sweep / "1"):
+            trainings.add(json.loads((job / "metrics.json").read_text())["training"])
+            assert len(analysis(job, "delete_single")) == 54
+        assert trainings == {"standard", "stochastic_depth"}
+        assert_figure(sweep / "delete_single.png")
+        return
+    run = single_run(copy, experiment)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["global_step"] == 20 and metrics["data"] == "digits"
+    summary = json.loads((run / "analysis" / "summary.json").read_text())
+    assert summary["baseline_error"] == pytest.approx(metrics["test_error"], abs=1e-6)
+    if experiment == "delete_many":
+        rows = analysis(run, "delete_many")
+        assert list(rows[0]) == ["k", "trial", "deleted", "error"] and len(rows) == 21 * 2
+    elif experiment == "reorder":
+        rows = analysis(run, "reorder")
+        assert list(rows[0]) == ["swaps", "trial", "kendall_tau", "error"] and len(rows) == 8 * 2
+        assert {float(r["kendall_tau"]) for r in rows if r["swaps"] == "0"} == {1.0}
+    elif experiment == "imagenet_delete_single":
+        assert metrics["n_blocks"] == 66 and len(analysis(run, "delete_single")) == 66
+    assert_figure(run / "analysis" / f"{experiment.replace('imagenet_', '')}.png")
+
+
+def check_gradient_paths(command, tmp_path_factory, tmp_path):
+    copy = gradient_paths_quick(tmp_path_factory)
+    run = single_run(copy, "gradient_paths")
+    if "train=false" in command:  # the same analysis on that run's checkpoint
+        ckpt = run / "checkpoints" / "last.ckpt"
+        args = [w.replace("<last.ckpt>", str(ckpt)) for w in words(command)]
+        out = tmp_path / "analyse"
+        shutil.copytree(copy, out, ignore=shutil.ignore_patterns("outputs"))
+        run_cli(*args, *SHORTEN["gradient_paths"], cwd=out)
+        again = single_run(out, "gradient_paths")
+        assert analysis(again, "gradient_paths") == analysis(run, "gradient_paths")
+        metrics = json.loads((again / "metrics.json").read_text())
+        assert metrics["model"] == "resnet110" and metrics["global_step"] == 0
+        return
+    rows = analysis(run, "gradient_paths")
+    assert [int(r["length"]) for r in rows] == list(range(1, 55))
+    assert len(analysis(run, "path_decomposition")) == 55
+    assert_figure(run / "analysis" / "gradient_paths.png")
+
+
+def check_effective_paths(command, tmp_path_factory, tmp_path):
+    sweep = sweep_dir(effective_paths_quick(tmp_path_factory), "effective_paths")
+    if "src.analysis.effective_paths" in command:  # rebuild the report of a copy of the sweep
+        shutil.copytree(sweep, tmp_path / sweep.name)
+        sweep = tmp_path / sweep.name
+        for ext in ("md", "json", "png"):
+            (sweep / f"effective_paths.{ext}").unlink()
+        args = [w.replace("<sweep dir>", str(sweep)) for w in words(command)]
+        run_cli(*args, module="src.analysis.effective_paths")
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == [str(i) for i in range(8)]
+    report = json.loads((sweep / "effective_paths.json").read_text())
+    assert len(report["runs"]) == 8
+    assert "Welch" in (sweep / "effective_paths.md").read_text()
+    assert_figure(sweep / "effective_paths.png", min_pixels=200)
+
+
+def check_analytic(command, tmp_path_factory, tmp_path):
+    """Figs 6a and 7: no training, exact numbers."""
+    experiment = re.search(r"experiment=(\w+)", command)[1]
+    copy = fresh_copy(tmp_path)
+    run_cli(*words(command), cwd=copy)
+    run = single_run(copy, experiment)
+    rows = analysis(run, experiment)
+    if experiment == "path_lengths":  # binomial(54, 1/2): 55 lengths, fractions sum to 1
+        assert len(rows) == 55
+        assert sum(float(r["fraction"]) for r in rows) == pytest.approx(1.0)
+    else:  # Eq. 8 for d = 1, 10, 20
+        assert sorted({int(r["deleted"]) for r in rows}) == [1, 10, 20]
+    assert_figure(run / "analysis" / f"{experiment}.png")
+
+
+def check_needs_gpu(command, tmp_path_factory, tmp_path):
+    """Paper setup on one GPU: on this CPU-only machine, its documented one-line error."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the command would train for real")
+    copy = fresh_copy(tmp_path)
+    res = run_cli(*words(command), cwd=copy, check=False, timeout=300)
+    one_line_error(res, "trainer=gpu needs a CUDA GPU")
+
+
+def check_missing_inputs(command, tmp_path_factory, tmp_path):
+    """Fig. 4 on a user's ResNet-200 and ImageNet: without them, a one-line error naming them."""
+    copy = fresh_copy(tmp_path)
+    inputs = {"<resnet200.ckpt>": "resnet200.ckpt", "<imagenet>": "imagenet"}
+    args = words(command, {**inputs, "<folder with train/ and val/>": "imagenet"})
+    res = run_cli(*args, cwd=copy, check=False, timeout=300)
+    one_line_error(res, "ckpt_path=resnet200.ckpt", "no such file")
+
+
+def check_slurm_sweep(command, tmp_path_factory, tmp_path):
+    if not HAS_SLURM:
+        pytest.skip("no Slurm cluster: run `scripts/slurm_local.sh start` (as root) first")
+    sweep = sweep_dir(slurm_sweep(tmp_path_factory), "train")
+    seeds = set()
+    for job in (sweep / "0", sweep / "1"):
+        metrics = json.loads((job / "metrics.json").read_text())
+        assert metrics["global_step"] == 20 and metrics["model"] == "resnet20"
+        seeds.add(metrics["seed"])
+        assert "in Slurm job" in (job / "run.log").read_text()  # ran inside Slurm
+        overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
+        assert f"seed={metrics['seed']}" in overrides
+    assert seeds == {0, 1}
+
+
+def check_slurm_gpu_request(command, tmp_path_factory, tmp_path):
+    """The paper's figures on GPU nodes: a partition without GPUs (this machine's) is refused
+    before anything is submitted, with the override to change."""
+    if not HAS_SLURM:
+        pytest.skip("no Slurm cluster: run `scripts/slurm_local.sh start` (as root) first")
+    default = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True)
+    partition = next(p for p in default.stdout.split() if p.endswith("*")).rstrip("*")
+    copy = fresh_copy(tmp_path)
+    args = words(
+        command,
+        {
+            "<your GPU partition>": partition,
+            "<resnet200.ckpt>": "resnet200.ckpt",
+            "<imagenet>": "imagenet",
+        },
+    )
+    res = run_cli(*args, cwd=copy, check=False, timeout=300)
+    one_line_error(res, "GPUs", "hydra.launcher.partition=")
+    assert not list(copy.glob("outputs/*/multirun_*/.submitit/*")), "a job was submitted"
+
+
+def check_report(command, tmp_path_factory, tmp_path):
+    """`python -m src.report <sweep>` on the sweep the docs name."""
+    target = words(command)[0]
+    if target.startswith("outputs/train/"):  # after the README's Slurm sweep
+        if not HAS_SLURM:
+            pytest.skip("no Slurm cluster: run `scripts/slurm_local.sh start` (as root) first")
+        copy = slurm_sweep(tmp_path_factory)
+        sweep, analyses, jobs = sweep_dir(copy, "train"), [], 2
+    elif target.startswith("outputs/delete_many/"):  # Fig. 5a over seeds, as on the GPU nodes
+        copy = fresh_copy(tmp_path)
+        run_cli(
+            "-m",
+            *shortened(
+                "python -m src.run experiment=delete_many preset=quick seed=0,1", "delete_many"
+            ),
+            cwd=copy,
+        )
+        sweep, analyses, jobs = sweep_dir(copy, "delete_many"), ["delete_many"], 2
+    else:  # any multirun dir: the quick start's
+        copy = once(tmp_path_factory, "quickstart", lambda c: None)
+        sweep, analyses, jobs = newest("outputs/delete_single/multirun_*", copy), [], 2
+        analyses = ["delete_single"]
+        work = tmp_path / "copy"  # the report writes into the sweep: leave the shared one be
+        shutil.copytree(copy, work)
+        copy, sweep = work, work / sweep.relative_to(copy)
+    run_cli(str(sweep.relative_to(copy)), module="src.report", cwd=copy)
+    md = (sweep / "report" / "report.md").read_text()
+    assert f"{jobs} finished jobs" in md
+    for name in analyses:
+        assert_figure(sweep / "report" / f"{name}.png")
+
+
+def check_replot_delete_single(command, tmp_path_factory, tmp_path):
+    copy = once(tmp_path_factory, "quickstart", lambda c: None)
+    sweep = newest("outputs/delete_single/multirun_*", copy)
+    work = tmp_path / sweep.name
+    shutil.copytree(sweep, work)
+    (work / "delete_single.png").unlink()
+    run_cli(str(work), module="src.analysis.delete_single")
+    assert_figure(work / "delete_single.png")
+
+
+def check_analyse_checkpoint(command, tmp_path_factory, tmp_path):
+    """`train=false ckpt_path=outputs/.../last.ckpt`: no model=/data=/preset= repeated."""
+    copy = once(tmp_path_factory, "quickstart", lambda c: None)
+    ckpt = quickstart_jobs(copy)["resnet110"] / "checkpoints" / "last.ckpt"
+    args = [
+        w.replace("outputs/.../checkpoints/last.ckpt", str(ckpt.relative_to(copy)))
+        for w in words(command)
+    ]
+    work = tmp_path / "copy"
+    shutil.copytree(copy, work)
+    run_cli(*args, *SHORTEN["delete_many"], cwd=work)
+    run = single_run(work, "delete_many")
+    metrics = json.loads((run / "metrics.json").read_text())
+    trained = json.loads((ckpt.parent.parent / "metrics.json").read_text())
+    assert (metrics["model"], metrics["data"]) == ("resnet110", "digits")
+    assert metrics["test_error"] == pytest.approx(trained["test_error"], abs=1e-6)
+    assert len(analysis(run, "delete_many")) == 21 * 2
+
+
+def check_resume(command, tmp_path_factory, tmp_path):
+    """`<same overrides> hydra.run.dir=<its run dir> resume=true` continues a run in place."""
+    copy = fresh_copy(tmp_path)
+    same = ["preset=quick", "model=resnet20", "logger=csv"]
+    run_cli(*same, "trainer.max_steps=20", cwd=copy)
+    run = single_run(copy, "train")
+    args = words(
+        command, {"<same overrides>": " ".join(same), "<its run dir>": str(run.relative_to(copy))}
+    )
+    run_cli(*args, "trainer.max_steps=40", cwd=copy)
+    assert single_run(copy, "train") == run
+    assert json.loads((run / "metrics.json").read_text())["global_step"] == 40
+
+
+@dataclass(frozen=True)
+class Rule:
+    pattern: str
+    check: Callable
+    marks: tuple = (pytest.mark.slow,)
+
+
+SLURM = (pytest.mark.slow, pytest.mark.slurm)
+RULES = [
+    Rule(
+        r"(python -m venv .*&& )?python -m src\.run experiment=delete_single preset=quick",
+        check_quickstart,
+    ),
+    Rule(r"python -m src\.run -m hydra/launcher=slurm_gpu .*", check_slurm_gpu_request, SLURM),
+    Rule(r"python -m src\.run -m hydra/launcher=slurm .*", check_slurm_sweep, SLURM),
+    Rule(r"python -m src\.run (?!-m ).*trainer=gpu.*", check_needs_gpu),
+    Rule(
+        r"python -m src\.run experiment=imagenet_delete_single train=false .*", check_missing_inputs
+    ),
+    Rule(
+        r"python -m src\.run experiment=(delete_many|reorder|stochastic_depth"
+        r"|imagenet_delete_single) preset=quick",
+        check_quick_experiment,
+    ),
+    Rule(
+        r"python -m src\.run experiment=gradient_paths preset=quick( train=false .*)?",
+        check_gradient_paths,
+    ),
+    Rule(
+        r"python -m src\.run experiment=effective_paths preset=quick"
+        r"|python -m src\.analysis\.effective_paths <sweep dir>",
+        check_effective_paths,
+    ),
+    Rule(r"python -m src\.run experiment=(path_lengths|remaining_paths)", check_analytic),
+    Rule(r"python -m src\.report (\S+|<multirun dir>)", check_report),
+    Rule(r"python -m src\.analysis\.delete_single <sweep dir>", check_replot_delete_single),
+    Rule(
+        r"python -m src\.run experiment=delete_many train=false ckpt_path=\S+",
+        check_analyse_checkpoint,
+    ),
+    Rule(
+        r"python -m src\.run <same overrides> hydra\.run\.dir=<its run dir> resume=true",
+        check_resume,
+    ),
+]
+
+
+def rules_for(command: str) -> list[Rule]:
+    return [r for r in RULES if re.fullmatch(r.pattern, command)]
+
+
+def test_every_documented_command_has_a_rule():
+    commands = documented_commands()
+    assert len(commands) >= 25 and any(c.startswith(INSTALL) for c in commands)
+    for command in commands:
+        assert len(rules_for(command)) == 1, f"{len(rules_for(command))} rules for: {command}"
+        for override in ("hydra.sweep.dir=", " paths."):
+            assert override not in command, command
+
+
+def _params():
+    out = []
+    for command in documented_commands():
+        rules = rules_for(command)
+        marks = rules[0].marks if len(rules) == 1 else ()
+        out.append(pytest.param(command, marks=marks, id=command.replace("python -m ", "")))
+    return out
+
+
+@pytest.mark.parametrize("command", _params())
+def test_documented_command(command, request, tmp_path_factory, tmp_path):
+    [rule] = rules_for(command)
+    if rule.check in (
+        check_quickstart,
+        check_report,
+        check_replot_delete_single,
+        check_analyse_checkpoint,
+    ):
+        request.getfixturevalue("quickstart")
+    rule.check(command, tmp_path_factory, tmp_path)
