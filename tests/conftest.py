@@ -16,6 +16,10 @@ import pytest
 from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[1]
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on a small CPU: one thread each
+    import torch
+
+    torch.set_num_threads(1)
 # The README's quick-start command (also checked against the README in tests/test_docs.py).
 QUICKSTART = "python -m src.run experiment=delete_single preset=quick"
 

@@ -399,7 +399,7 @@ class Rule:
     marks: tuple = (pytest.mark.slow,)
 
 
-SLURM = (pytest.mark.slow, pytest.mark.slurm)
+SLURM = (pytest.mark.slow, pytest.mark.slurm, pytest.mark.xdist_group("slurm"))
 RULES = [
     Rule(
         r"(python -m venv .*&& )?python -m src\.run experiment=delete_single preset=quick",

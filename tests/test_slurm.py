@@ -1,4 +1,5 @@
 """Sweeps on a real Slurm cluster through `hydra/launcher=slurm` (hydra-submitit-launcher).
+The README's own two-job sweep runs as written in tests/test_docs.py.
 
 CI starts a single-node cluster with `scripts/slurm_local.sh start`; without `sinfo` on the PATH
 these tests are skipped. The requeue test also covers preemption: a job requeued by
@@ -17,13 +18,13 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.conftest import REPO, run_cli
 
 pytestmark = [
     pytest.mark.slurm,
     pytest.mark.slow,
+    pytest.mark.xdist_group("slurm"),
     pytest.mark.skipif(
         shutil.which("sinfo") is None
         or subprocess.run(["sinfo"], capture_output=True).returncode != 0,
@@ -41,24 +42,6 @@ SMALL = (
     "hydra.launcher.mem_gb=1",
     "hydra.launcher.timeout_min=15",
 )
-
-
-def test_two_job_sweep_runs_on_slurm(tmp_path):
-    sweep = tmp_path / "sweep"
-    run_cli(
-        "-m", *SMALL, "trainer.max_steps=20", "seed=0,1", f"hydra.sweep.dir={sweep}", timeout=600
-    )
-    jobs = sorted(p.name for p in sweep.iterdir() if not p.name.startswith("."))
-    assert jobs == ["0", "1", "multirun.yaml"]
-    seeds = set()
-    for job in ("0", "1"):
-        metrics = json.loads((sweep / job / "metrics.json").read_text())
-        assert metrics["global_step"] == 20 and 0.0 <= metrics["test_error"] <= 1.0
-        overrides = yaml.safe_load((sweep / job / ".hydra" / "overrides.yaml").read_text())
-        seeds |= {o for o in overrides if o.startswith("seed=")}
-        # each job ran inside Slurm, as one task (trainer.devices=1)
-        assert "SLURM auto-requeueing enabled" in _job_logs(sweep, job)
-    assert seeds == {"seed=0", "seed=1"}
 
 
 def test_ddp_job_gets_one_slurm_task_per_rank(tmp_path):
