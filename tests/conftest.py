@@ -100,11 +100,16 @@ def newest(pattern: str, root: Path) -> Path:
 @pytest.fixture(scope="session")
 def quickstart(tmp_path_factory) -> Path:
     """The README's quick-start command, as written, in a fresh copy of the repository: returns
-    the copy (its results are in outputs/delete_single/multirun_*/)."""
+    the copy (its results are in outputs/delete_single/multirun_*/). Under .ci/run, which has just
+    run it verbatim (install included) in its clean clone, that run's results are used."""
 
     def make(copy: Path) -> None:
         fresh_copy(copy)
-        run_cli(*QUICKSTART.split()[3:], cwd=copy)
+        done = os.environ.get("QUICKSTART_OUTPUTS")  # .ci/run ran it verbatim in its clone
+        if done and list(Path(done).glob("delete_single/multirun_*/1/metrics.json")):
+            shutil.copytree(Path(done) / "delete_single", copy / "outputs" / "delete_single")
+        else:
+            run_cli(*QUICKSTART.split()[3:], cwd=copy)
 
     return once(tmp_path_factory, "quickstart", make)
 
