@@ -84,7 +84,7 @@ class Classifier(L.LightningModule):
         self.seed = seeds.run_seed(self.trainer)  # every rank calls setup: a seed=null is shared
 
     def configure_callbacks(self):
-        return [RequeueBetweenSteps()]
+        return [RequeueBetweenSteps()] if self.trainer.state.fn == "fit" else []
 
     def training_step(self, batch, batch_idx: int):
         x, y = batch

@@ -1,11 +1,13 @@
 """`trainer=ddp` with 2 CPU processes (gloo): training and the analysis callbacks (a probe and the
 real `experiment=delete_many`) run under DDP, each analysis runs once (rank 0) and its results
 equal a single-process run on the same weights, and a Hydra sweep job gets exactly one run
-directory (lightning-hydra-template #393)."""
+directory (lightning-hydra-template #393). Block-subset training (paper Sec. 5) trains under DDP
+with one subset per step across all ranks."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -18,6 +20,7 @@ from tests.conftest import run_cli
 pytestmark = [pytest.mark.ddp, pytest.mark.slow]
 
 PROBE = "+callbacks.probe._target_=tests.test_ddp.Probe"
+BLOCKS = "+callbacks.blocks._target_=tests.test_ddp.BlocksPerStep"
 SMALL = (
     "experiment=delete_many",
     "preset=quick",
@@ -50,6 +53,32 @@ class Probe(AnalysisCallback):
             self.analysis_dir(trainer) / f"probe_rank{trainer.global_rank}.json",
             {**result, "logits": logits},
         )
+
+
+class BlocksPerStep(L.Callback):
+    """Per training step on this rank: the blocks whose residual branch ran forward, and those
+    whose residual parameters have a gradient after backward (and DDP's all-reduce); written as
+    `blocks_rank<r>.json` in the run dir."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.ran, self.grad = [], []
+        self.hooks = [
+            b.layers.register_forward_hook(lambda m, i, o, k=k: m.training and self.ran[-1].add(k))
+            for k, b in enumerate(pl_module.net.blocks)
+        ]
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.ran.append(set())
+
+    def on_after_backward(self, trainer, pl_module):
+        blocks = pl_module.net.blocks
+        self.grad.append({k for k, b in enumerate(blocks) if b.layers[0].weight.grad is not None})
+
+    def on_train_end(self, trainer, pl_module):
+        for hook in self.hooks:
+            hook.remove()
+        steps = {"ran": [sorted(s) for s in self.ran], "grad": [sorted(s) for s in self.grad]}
+        write_json(Path(trainer.default_root_dir) / f"blocks_rank{trainer.global_rank}.json", steps)
 
 
 def test_ddp_sweep_job_equals_single_process(tmp_path):
@@ -105,3 +134,42 @@ def test_ddp_sweep_job_equals_single_process(tmp_path):
     assert single_metrics["test_error"] == pytest.approx(single["error"], abs=1e-6)
     ddp_metrics = json.loads((job / "metrics.json").read_text())
     assert ddp_metrics["test_error"] == pytest.approx(single_metrics["test_error"], abs=1e-6)
+
+
+def test_ddp_block_subset_runs_one_subset_per_step_on_every_rank(tmp_path):
+    """Skipped blocks leave parameters without gradient: DDP finds them (the block_subset config
+    picks `ddp_find_unused_parameters_true`), every rank runs the same k blocks, those blocks
+    alone get gradients (the others stay untouched, as in one process), and the analyses on the
+    DDP-trained weights equal a single-process run."""
+    subset = ("training=block_subset", "training.k=3", "training.test_mode=rescale")
+    ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
+    run_cli(
+        *SMALL,
+        *subset,
+        BLOCKS,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.max_steps=4",
+        "logger=csv",
+        f"hydra.run.dir={ddp_dir}",
+    )
+    rank0, rank1 = (json.loads((ddp_dir / f"blocks_rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0 == rank1
+    assert len(rank0["ran"]) == 4 and all(len(s) == 3 for s in rank0["ran"])
+    assert rank0["grad"] == rank0["ran"]
+    assert len({tuple(s) for s in rank0["ran"]}) > 1  # a new subset each step
+
+    run_cli(
+        *SMALL,
+        *subset,
+        "logger=csv",
+        "train=false",
+        f"ckpt_path={ddp_dir / 'checkpoints' / 'last.ckpt'}",
+        f"hydra.run.dir={single_dir}",
+    )
+    ddp = json.loads((ddp_dir / "analysis" / "probe_rank0.json").read_text())
+    single = json.loads((single_dir / "analysis" / "probe_rank0.json").read_text())
+    assert (ddp["world_size"], single["world_size"]) == (2, 1)
+    assert ddp["error"] == single["error"]
+    ddp_rows = read_csv(ddp_dir / "analysis" / "delete_many.csv")
+    assert ddp_rows == read_csv(single_dir / "analysis" / "delete_many.csv")
