@@ -13,9 +13,7 @@ from matplotlib import colors
 DPI = 150  # src.analysis.io.save_figure
 
 
-def colour_pixels(
-    path: Path, inches: tuple[float, float], colours: dict, tol: float = 0.15
-) -> dict:
+def colour_pixels(path: Path, inches: tuple[float, float], colours: dict, tol: float = 0.2) -> dict:
     """Read the PNG at `path`, check that it is `inches` (width, height) at 150 dpi within `tol`
     (bbox_inches="tight" trims or pads the margins a little), and count the pixels that show each
     colour of `colours` ({name: matplotlib colour, or (colour, alpha) for a translucent mark

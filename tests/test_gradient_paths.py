@@ -38,6 +38,7 @@ from src.models.vgg import vgg15
 from src.module import Classifier
 from src.training import BlockSubset
 from tests.conftest import run_cli
+from tests.plots import colour_pixels
 from tests.test_training import quiet_trainer
 
 
@@ -287,9 +288,21 @@ def test_end_to_end_quick_gradient_falls_with_length(trained, tmp_path):
     assert summary["decay_rate"] < 0
     lo, hi = summary["effective_window"]
     assert 1 <= lo <= hi <= 54 and summary["effective_window_share"] >= 0.9
+    assert summary["residual_scale"] == 1.0 and summary["samples_per_length"] == 3
     exact = read_csv(out / "path_decomposition.csv")
-    assert len(exact) == 55 and float(exact[0]["grad_norm_exact"]) > 0
-    assert (out / "gradient_paths.png").stat().st_size > 0
+    assert [int(r["length"]) for r in exact] == list(range(55))
+    assert [int(r["count"]) for r in exact] == [comb(54, k) for k in range(55)]
+    assert float(exact[0]["grad_norm_exact"]) > 0 and exact[0]["count_x_mean_norm"] == ""
+    for r, e in zip(rows, exact[1:]):  # Fig 6c's estimate beside the exact norm
+        want = comb(54, int(r["length"])) * float(r["grad_norm_mean"])
+        assert float(e["count_x_mean_norm"]) == pytest.approx(want, rel=1e-12)
+    assert summary["exact_peak_length"] == max(
+        range(55), key=lambda k: float(exact[k]["grad_norm_exact"])
+    )
+    # (a) path-length bars, (b) mean norms and the red decay fit, (c) shares incl. the exact G_k
+    colours = {"bars and means": "C0", "fit": "r", "exact": "C1"}
+    px = colour_pixels(out / "gradient_paths.png", (13, 3.4), colours)
+    assert px["bars and means"] > 1000 and px["fit"] > 200 and px["exact"] > 100, px
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import pytest
 
 from src.analysis.io import read_csv
 from tests.conftest import run_cli
+from tests.plots import colour_pixels
 
 pytestmark = pytest.mark.slow
 
@@ -51,6 +52,13 @@ def _rows(run_dir, name):
     return read_csv(run_dir / "analysis" / f"{name}.csv")
 
 
+def _curves(png) -> list[bool]:
+    """Which runs a delete_single figure draws: its first (C0) and second (C1) curve. A curve
+    can hide one drawn later (two near-identical nets), but not its legend entries (~100 px)."""
+    px = colour_pixels(png, (7, 3.6), {"first": "C0", "second": "C1"})
+    return [px["first"] > 50, px["second"] > 50]
+
+
 def test_delete_single_shows_the_papers_contrast(delete_single_sweep):
     res, vgg = delete_single_sweep / "resnet110", delete_single_sweep / "vgg15"
     res_rows, vgg_rows = _rows(res, "delete_single"), _rows(vgg, "delete_single")
@@ -72,9 +80,10 @@ def test_delete_single_shows_the_papers_contrast(delete_single_sweep):
     vgg_baseline = json.loads((vgg / "analysis" / "summary.json").read_text())["baseline_error"]
     assert vgg_baseline < 0.2  # VGG itself learned the task ...
     assert min(float(r["error"]) for r in vgg_rows) >= VGG_DELETION_ERROR_MIN  # ... but breaks
-    for run in (res, vgg):
-        assert (run / "analysis" / "delete_single.png").stat().st_size > 10_000
-    assert (delete_single_sweep / "delete_single.png").stat().st_size > 10_000  # the overlay
+    # each job's figure overlays the runs of the sweep finished so far (ResNet ran first)
+    assert _curves(res / "analysis" / "delete_single.png") == [True, False]
+    assert _curves(vgg / "analysis" / "delete_single.png") == [True, True]
+    assert _curves(delete_single_sweep / "delete_single.png") == [True, True]  # the sweep's
 
 
 def test_delete_many_and_reorder_share_one_summary(trained, tmp_path):
@@ -108,8 +117,13 @@ def test_delete_many_and_reorder_share_one_summary(trained, tmp_path):
         assert (tau == 1.0) == (r["swaps"] == "0")
         if r["swaps"] == "0":
             assert float(r["error"]) == pytest.approx(baseline)
-    for name in ("delete_many", "reorder"):
-        assert (tmp_path / "analysis" / f"{name}.png").stat().st_size > 10_000
+    png = tmp_path / "analysis" / "delete_many.png"
+    px = colour_pixels(png, (5.5, 3.6), {"mean": "C0", "trial": ("C0", 0.35)})
+    assert px["mean"] > 100 and px["trial"] > 20  # the mean over trials, each trial's dot
+    # reorder: dots coloured by swaps on viridis, from 0 swaps (dark) to 32 (yellow)
+    ends = {"0 swaps": "#440154", "32 swaps": "#fde725"}
+    px = colour_pixels(tmp_path / "analysis" / "reorder.png", (5.5, 3.6), ends)
+    assert px["0 swaps"] > 20 and px["32 swaps"] > 20
 
 
 @pytest.mark.parametrize("experiment", ["delete_single", "stochastic_depth"])
@@ -131,7 +145,7 @@ def test_one_command_runs_every_network_of_the_figure(experiment, tmp_path):
         assert sorted(len(_rows(r, "delete_single")) for r in runs) == [13, 54]
     else:
         assert labels == {"resnet110, standard training", "resnet110, stochastic_depth training"}
-    assert (tmp_path / "delete_single.png").is_file()
+    assert _curves(tmp_path / "delete_single.png") == [True, True]  # both networks overlaid
 
 
 def test_imagenet_quick_keeps_resnet200_depth(tmp_path):

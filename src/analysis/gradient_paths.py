@@ -9,7 +9,7 @@ along a new leading dimension and at block i the residual-branch VJP is applied 
 `is_grads_batched`) only to the samples whose path enters block i, the shortcut VJP to the rest
 (nothing at all for an identity shortcut). A sample then costs the residual branches it crosses.
 
-Every measurement runs the network that was tested: the trained network's eval plan (`base`,
+Every measurement runs the network that was tested: the trained network's eval plan (`plan`,
 e.g. `training.test_mode=rescale` scaling residual branches by k/n; None: the full network) with
 the backward-only gate on top, `Plan(grad_path=...)` composed with it as the lesion studies compose
 their deletions. A block the eval plan deletes has no residual branch for a path to enter.
