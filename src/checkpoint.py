@@ -70,13 +70,11 @@ def _split(override: str) -> tuple[str, str]:
     return key, value
 
 
-def adopt(cfg: DictConfig, saved: dict, overrides: list[str], path: str) -> None:
-    """Rebuild the checkpoint's network, data and training mode in `cfg` (in place).
-
-    `overrides` are the run's explicit ones (command line and sweep): a group choice or a
-    model/training value that contradicts the checkpoint is a one-line error naming both.
-    """
+def check_overrides_against(saved: dict, overrides: list[str], path: str) -> None:
+    """A group choice, or a model/training value, that contradicts the checkpoint is a one-line
+    error naming both values; a data.* key the checkpoint's data module lacks is one too."""
     choices = saved.get("choices") or {}
+    config = OmegaConf.create({g: saved.get(g) or {} for g in GROUPS})
     for override in overrides:
         key, value = _split(override)
         if key in CHOICES:
@@ -87,21 +85,43 @@ def adopt(cfg: DictConfig, saved: dict, overrides: list[str], path: str) -> None
                     f"{key}={was}: drop {key}= (the checkpoint says what it is; with a "
                     f"multirun experiment, name {key}={was})"
                 )
+        elif key.startswith("data."):
+            if OmegaConf.select(config, key, default="<missing>") == "<missing>":
+                raise ConfigError(
+                    f"{key}={value} does not apply to checkpoint {path}, trained on "
+                    f"data={choices.get('data')}: drop {key}="
+                )
         elif key.split(".")[0] in GROUPS and not key.startswith(FREE_PREFIXES):
-            saved_value = OmegaConf.select(OmegaConf.create(saved), key, default=None)
-            value_now = OmegaConf.select(cfg, key, default=None)
-            if saved_value is not None and _plain(value_now) != _plain(saved_value):
+            saved_value = _plain(OmegaConf.select(config, key, default=None))
+            if saved_value is not None and _plain(_parse(value)) != saved_value:
                 raise ConfigError(
                     f"{key}={value} contradicts checkpoint {path}, which was trained with "
-                    f"{key}={_plain(saved_value)}: drop {key}="
+                    f"{key}={saved_value}: drop {key}="
                 )
-    free = {_split(o)[0]: OmegaConf.select(cfg, _split(o)[0]) for o in overrides}
+
+
+def adopt(cfg: DictConfig, saved: dict, overrides: list[str], path: str) -> None:
+    """Rebuild the checkpoint's network, data and training mode in `cfg` (in place), keeping the
+    run's explicit data.* and training.test_mode overrides. `overrides`: the run's own
+    (command line and sweep)."""
+    check_overrides_against(saved, overrides, path)
+    free = {
+        key: OmegaConf.select(cfg, key)
+        for key in (_split(o)[0] for o in overrides)
+        if key.startswith(FREE_PREFIXES)
+    }
     with open_dict(cfg):
         for group in GROUPS:
             cfg[group] = OmegaConf.create(saved[group])
         for key, value in free.items():
-            if key.startswith(FREE_PREFIXES):
-                OmegaConf.update(cfg, key, value, force_add=True)
+            OmegaConf.update(cfg, key, value, force_add=True)
+
+
+def _parse(value: str):
+    """An override's value as Hydra would type it (`3` -> 3, `[1,2]` -> [1, 2])."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_override(f"k={value}").value()
 
 
 def _plain(value):

@@ -4,6 +4,7 @@ ranks kept inside the current sweep job, and SIGTERM bookkeeping for requeued Sl
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -35,11 +36,8 @@ def partition_nodes(partition: str | None) -> list[dict] | None:
         part = part.rstrip("*")
         if (partition is None and not default) or (partition is not None and part != partition):
             continue
-        gpus = sum(
-            int(g.split(":")[-1].split("(")[0])
-            for g in gres.split(",")
-            if g.startswith("gpu") and g.split(":")[-1].split("(")[0].isdigit()
-        )
+        gres = [re.sub(r"\(.*?\)", "", g).split(":") for g in gres.split(",")]
+        gpus = sum(int(g[-1]) for g in gres if g[0] == "gpu" and g[-1].isdigit())
         nodes.append(
             {
                 "partition": part,
