@@ -188,11 +188,14 @@ def check_quick_experiment(command, tmp_path_factory, tmp_path):
     run_cli(*shortened(command, *studies), cwd=copy)
     if experiment == "stochastic_depth":  # a multirun: both trainings, one overlay figure
         sweep = sweep_dir(copy, experiment)
-        trainings = set()
+        trainings, labels = set(), set()
         for job in (sweep / "0", sweep / "1"):
             trainings.add(json.loads((job / "metrics.json").read_text())["training"])
+            summary = json.loads((job / "analysis" / "summary.json").read_text())
+            labels.add(summary["delete_single"]["label"])
             assert len(analysis(job, "delete_single")) == 54
         assert trainings == {"standard", "stochastic_depth"}
+        assert labels == {"resnet110, standard training", "resnet110, stochastic_depth training"}
         assert_figure(sweep / "delete_single.png")
         return
     run = single_run(copy, experiment)
@@ -207,8 +210,11 @@ def check_quick_experiment(command, tmp_path_factory, tmp_path):
         rows = analysis(run, "reorder")
         assert list(rows[0]) == ["swaps", "trial", "kendall_tau", "error"] and len(rows) == 8 * 2
         assert {float(r["kendall_tau"]) for r in rows if r["swaps"] == "0"} == {1.0}
-    elif experiment == "imagenet_delete_single":
-        assert metrics["n_blocks"] == 66 and len(analysis(run, "delete_single")) == 66
+    elif experiment == "imagenet_delete_single":  # ResNet-200's 3/24/36/3 bottleneck blocks
+        rows = analysis(run, "delete_single")
+        assert metrics["n_blocks"] == 66 and len(rows) == 66
+        assert sorted({r["stage"] for r in rows}) == ["0", "1", "2", "3"]
+        assert sum(r["downsampling"] == "True" for r in rows) == 4
     assert_figure(run / "analysis" / f"{experiment.replace('imagenet_', '')}.png")
 
 
@@ -243,7 +249,9 @@ def check_effective_paths(command, tmp_path_factory, tmp_path):
         run_cli(*args, module="src.analysis.effective_paths")
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == [str(i) for i in range(8)]
     report = json.loads((sweep / "effective_paths.json").read_text())
-    assert len(report["runs"]) == 8
+    assert len(report["runs"]) == 8 and report["steps"] == [20]
+    assert sorted(report["arms"]) == ["full", "k=4/9"]
+    assert all(arm["runs"] == 4 for arm in report["arms"].values())
     assert "Welch" in (sweep / "effective_paths.md").read_text()
     assert_figure(sweep / "effective_paths.png", min_pixels=200)
 

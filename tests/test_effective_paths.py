@@ -10,7 +10,6 @@ from scipy import stats
 
 from src.analysis.effective_paths import FULL, compare, load_runs, main, report
 from src.errors import ConfigError
-from tests.conftest import run_cli
 from tests.plots import colour_pixels
 
 MODEL = {"_target_": "src.models.preact_resnet_cifar", "blocks_per_stage": 3}
@@ -83,24 +82,3 @@ def test_bad_sweeps(tmp_path):
         report(tmp_path / "few")
     assert main([str(tmp_path / "missing")]) == 2
     assert main([]) == 2
-
-
-@pytest.mark.slow
-def test_end_to_end_quick_multirun(tmp_path, capsys):
-    res = run_cli(
-        "-m",
-        "experiment=effective_paths",
-        "preset=quick",
-        "logger=csv",
-        "trainer.max_steps=6",
-        "+trainer.limit_val_batches=1",
-        "callbacks.progress_bar=null",
-        "seed=0,1",  # overrides the sweeper's seed list
-        f"hydra.sweep.dir={tmp_path}",
-    )
-    out = json.loads((tmp_path / "effective_paths.json").read_text())
-    assert sorted(out["arms"]) == ["full", "k=4/9"]
-    assert all(s["runs"] == 2 for s in out["arms"].values()) and out["steps"] == [6]
-    assert "effective paths:" in res.stdout
-    assert main([str(tmp_path)]) == 0  # the report CLI, in-process
-    assert "Welch" in capsys.readouterr().out
