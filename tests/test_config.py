@@ -48,12 +48,68 @@ def test_model_options_instantiate(model, tmp_path):
     assert isinstance(net, Network) and net.n_blocks > 0
 
 
-@pytest.mark.parametrize("group", ["training", "trainer", "callbacks", "logger", "optim", "preset"])
-def test_group_options_compose(group, tmp_path):
-    for option in options(group):
-        cfg = compose_cfg([f"{group}={option}"], tmp_path)
-        if group == "training":
-            assert instantiate(cfg.training) is not None
+def test_training_options_build_their_mode(tmp_path):
+    built = {
+        o: instantiate(compose_cfg([f"training={o}"], tmp_path).training)
+        for o in options("training")
+    }
+    assert {o: type(m).__name__ for o, m in built.items()} == {
+        "block_subset": "BlockSubset",
+        "standard": "Standard",
+        "stochastic_depth": "StochasticDepth",
+    }
+    assert built["block_subset"].k == 23 and built["stochastic_depth"].final_survival == 0.5
+
+
+def test_trainer_options_build_their_trainer(tmp_path):
+    expect = {"cpu": "cpu", "default": "auto", "ddp": "auto", "gpu": "gpu"}
+    assert set(expect) == set(options("trainer"))
+    for option, accelerator in expect.items():
+        cfg = compose_cfg([f"trainer={option}"], tmp_path)
+        assert cfg.trainer.accelerator == accelerator and cfg.trainer.max_steps == 64000
+        assert cfg.trainer.precision == ("bf16-mixed" if option == "gpu" else "32-true")
+        assert cfg.trainer.get("strategy", "auto") == ("ddp" if option == "ddp" else "auto")
+    trainer = instantiate(compose_cfg(["trainer=cpu"], tmp_path).trainer, logger=False)
+    assert trainer.max_steps == 64000 and trainer.num_devices == 1
+
+
+def test_callbacks_and_loggers_build(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    from src.run import build
+
+    cfg = compose_cfg([], tmp_path)
+    callbacks = build(cfg, "callbacks")
+    assert sorted(type(c).__name__ for c in callbacks) == ["ModelCheckpoint", "RichProgressBar"]
+    [ckpt] = [c for c in callbacks if isinstance(c, ModelCheckpoint)]
+    assert ckpt.monitor == "val/error" and ckpt.dirpath == str(tmp_path / "run" / "checkpoints")
+    assert any(isinstance(c, RichProgressBar) for c in callbacks)
+    kinds = {"csv": CSVLogger, "wandb": WandbLogger}
+    for option in options("logger"):
+        loggers = build(compose_cfg([f"logger={option}"], tmp_path), "logger")
+        if option == "none":
+            assert loggers == []
+        else:
+            [logger] = loggers
+            assert isinstance(logger, kinds[option]) and logger.save_dir == str(tmp_path / "run")
+
+
+def test_optim_and_preset(tmp_path):
+    cfg = compose_cfg(["optim=paper"], tmp_path)
+    assert dict(cfg.optim) == {
+        "lr": 0.1,
+        "momentum": 0.9,
+        "weight_decay": 1e-4,
+        "nesterov": False,
+        "milestones": [32000, 48000],
+        "gamma": 0.1,
+        "warmup_steps": 400,
+        "warmup_lr": 0.01,
+    }
+    quick = compose_cfg(["preset=quick"], tmp_path)
+    assert quick.data._target_.endswith("DigitsDataModule") and quick.trainer.accelerator == "cpu"
+    assert quick.trainer.max_steps == 400 and list(quick.optim.milestones) == [200, 300]
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))
