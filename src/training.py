@@ -103,30 +103,33 @@ class BlockSubset(TrainingMode):
 
 
 class RequeueBetweenSteps(L.Callback):
-    """Hold Slurm's requeue signal while a training step runs, and hand it to Lightning at the
-    step's end.
+    """Hand Slurm's requeue signal to Lightning at the end of a training step.
 
     On the signal (SIGUSR1, 90 s before the time limit) Lightning saves `hpc_ckpt_<n>.ckpt` at
-    once, which may be halfway through an optimizer update: no resume could continue that
-    exactly. At `on_train_batch_end` the step is complete (weights, optimizer, lr schedule) and
-    Lightning resumes after it, as from a `ModelCheckpoint(every_n_train_steps=...)` checkpoint.
-    Only acts where Lightning installed a handler for the signal (Slurm with auto-requeue).
+    once, which may be halfway through a step (batch-norm statistics updated, weights not yet):
+    no resume could continue that exactly. At `on_train_batch_end` the step is complete
+    (weights, optimizer, lr schedule) and Lightning resumes after it, as from a
+    `ModelCheckpoint(every_n_train_steps=...)` checkpoint. Under DDP the ranks agree, at each
+    step's end, whether any of them got the signal, so all save (a collective call) at the same
+    step. Acts only where Lightning installed a handler for the signal (Slurm with auto-requeue);
+    a signal after training ends goes to Lightning directly.
     """
 
     def __init__(self, signum: int = signal.SIGUSR1):
-        self.signum, self.handler, self.in_step, self.pending = signum, None, False, None
+        self.signum, self.handler, self.pending, self.handled = signum, None, None, False
 
     def _hold(self, signum, frame) -> None:
-        if self.in_step:
+        if not self.handled:  # one requeue per attempt; a rank's late signal changes nothing
             self.pending = (signum, frame)
-        else:
-            self.handler(signum, frame)
 
-    def _release(self) -> None:
-        self.in_step = False
-        if self.pending is not None:
-            pending, self.pending = self.pending, None
-            self.handler(*pending)
+    def _release(self, trainer) -> None:
+        pending = self.pending is not None
+        if trainer.world_size > 1:
+            pending = trainer.strategy.reduce_boolean_decision(pending, all=False)
+        if pending:
+            signum, frame = self.pending or (self.signum, None)
+            self.pending, self.handled = None, True
+            self.handler(signum, frame)
 
     def on_train_start(self, trainer, pl_module) -> None:
         handler = signal.getsignal(self.signum)
@@ -134,15 +137,12 @@ class RequeueBetweenSteps(L.Callback):
             self.handler = handler
             signal.signal(self.signum, self._hold)
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.in_step = True
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.handler is not None:
-            self._release()
+            self._release(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.handler is not None:
             signal.signal(self.signum, self.handler)
-            self._release()
+            self._release(trainer)
             self.handler = None

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, run_cli
+from tests.test_resume import assert_same_weights, weights
 
 pytestmark = [
     pytest.mark.slurm,
@@ -104,7 +105,9 @@ def _release(job_id: str, proc: subprocess.Popen) -> None:
 
 def test_requeued_job_resumes_from_its_checkpoints(tmp_path):
     sweep = tmp_path / "sweep"
-    env = {**os.environ, "WANDB_SILENT": "true", "WANDB_MODE": "offline"}
+    # bit-identical results need the same thread count in the job and the local reference run
+    one_thread = {"OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "WANDB_SILENT": "true", "WANDB_MODE": "offline", **one_thread}
     cmd = [sys.executable, "-m", "src.run", "-m", *SMALL, "logger=wandb", "trainer.max_steps=120"]
     out = tmp_path / "sweep.log"
     job_id = None
@@ -166,3 +169,11 @@ def test_requeued_job_resumes_from_its_checkpoints(tmp_path):
         "0",
         "multirun.yaml",
     ]
+    # and, resumed twice (from last.ckpt, then mid-epoch from hpc_ckpt_1.ckpt), it ends with the
+    # weights of an uninterrupted run with the same seed, tensor for tensor
+    whole = tmp_path / "whole"
+    reference = ("preset=quick", "model=resnet20", "logger=csv", "trainer.max_steps=120")
+    run_cli(*reference, f"hydra.run.dir={whole}", env=one_thread, timeout=600)
+    assert_same_weights(
+        weights(run / "checkpoints" / "last.ckpt"), weights(whole / "checkpoints" / "last.ckpt")
+    )
