@@ -121,6 +121,7 @@ def leave_ddp() -> None:
         torch.distributed.destroy_process_group()
     for key in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE"):
         os.environ.pop(key, None)
+    os.environ.pop("PL_GLOBAL_SEED", None)  # a `seed=null` job after a seeded one draws anew
 
 
 SIGTERMED = {"received": False}

@@ -223,7 +223,7 @@ def check_gradient_paths(command, tmp_path_factory, tmp_path):
     run = single_run(copy, "gradient_paths")
     if "train=false" in command:  # the same analysis on that run's checkpoint
         ckpt = run / "checkpoints" / "last.ckpt"
-        args = [w.replace("<last.ckpt>", str(ckpt)) for w in words(command)]
+        args = words(command, {"<last.ckpt>": str(ckpt)})
         out = tmp_path / "analyse"
         shutil.copytree(copy, out, ignore=shutil.ignore_patterns("outputs"))
         run_cli(*args, *SHORTEN["gradient_paths"], cwd=out)
@@ -245,7 +245,7 @@ def check_effective_paths(command, tmp_path_factory, tmp_path):
         sweep = tmp_path / sweep.name
         for ext in ("md", "json", "png"):
             (sweep / f"effective_paths.{ext}").unlink()
-        args = [w.replace("<sweep dir>", str(sweep)) for w in words(command)]
+        args = words(command, {"<sweep dir>": str(sweep)})
         run_cli(*args, module="src.analysis.effective_paths")
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == [str(i) for i in range(8)]
     report = json.loads((sweep / "effective_paths.json").read_text())
@@ -327,7 +327,7 @@ def check_slurm_gpu_request(command, tmp_path_factory, tmp_path):
 
 def check_report(command, tmp_path_factory, tmp_path):
     """`python -m src.report <sweep>` on the sweep the docs name."""
-    target = words(command)[0]
+    [target] = words(command, {"<multirun dir>": "any"})
     if target.startswith("outputs/train/"):  # after the README's Slurm sweep
         if not HAS_SLURM:
             pytest.skip("no Slurm cluster: run `scripts/slurm_local.sh start` (as root) first")

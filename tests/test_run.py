@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -183,3 +184,14 @@ def test_overrides_checked_against_a_checkpoint():
         with pytest.raises(ConfigError) as err:
             check_overrides_against(saved, [override], "c")
         assert override in str(err.value) and named in str(err.value)
+
+
+def test_a_sweep_job_leaves_no_seed_for_the_next(monkeypatch):
+    """`seed=null` after a seeded job of the same local sweep must draw a fresh seed."""
+    from src.cluster import leave_ddp
+    from src.seeds import run_seed
+
+    monkeypatch.setenv("PL_GLOBAL_SEED", "3")
+    assert run_seed() == 3
+    leave_ddp()
+    assert "PL_GLOBAL_SEED" not in os.environ and run_seed() != 3
