@@ -105,15 +105,12 @@ def validate(cfg: DictConfig) -> None:
 
 def run_facts(cfg: DictConfig, choices: dict, net, mode) -> dict:
     """What was run, for metrics.json: a results folder reads without its `.hydra/`."""
-    k = getattr(mode, "k", None)
-    if k is None and type(mode).__name__ == "Standard":
-        k = net.n_blocks
     return {
         "model": choices.get("model"),
         "data": choices.get("data"),
         "training": choices.get("training"),
         "n_blocks": net.n_blocks,
-        "k": k,
+        "k": mode.blocks_per_step(net.n_blocks),
         "seed": cfg.get("seed"),
     }
 

@@ -47,9 +47,14 @@ class TrainingMode:
     def eval_plan(self, n_blocks: int) -> Plan | None:
         return None
 
+    def blocks_per_step(self, n_blocks: int) -> int | None:
+        """Blocks every training step runs (None: it varies from step to step)."""
+        return None
+
 
 class Standard(TrainingMode):
-    pass
+    def blocks_per_step(self, n_blocks: int) -> int:
+        return n_blocks
 
 
 class StochasticDepth(TrainingMode):
@@ -95,6 +100,9 @@ class BlockSubset(TrainingMode):
     def train_plan(self, n_blocks: int) -> Plan:
         keep = torch.randperm(n_blocks)[: self.k].tolist()
         return Plan(deleted=frozenset(range(n_blocks)) - frozenset(keep))
+
+    def blocks_per_step(self, n_blocks: int) -> int:
+        return self.k
 
     def eval_plan(self, n_blocks: int) -> Plan | None:
         if self.test_mode == "rescale":

@@ -204,3 +204,12 @@ def test_same_seed_same_weights(tmp_path):
 
     first, second = fit_once(), fit_once()
     assert torch.equal(first, second)
+
+
+def test_blocks_per_step_recorded_in_metrics():
+    """metrics.json's `k`: every block (standard), k (block subset), varying (stochastic depth)."""
+    from src.training import BlockSubset, Standard, StochasticDepth
+
+    assert Standard().blocks_per_step(54) == 54
+    assert BlockSubset(k=23).blocks_per_step(54) == 23
+    assert StochasticDepth().blocks_per_step(54) is None
