@@ -1,11 +1,21 @@
 """Data modules and the batched CIFAR augmentation."""
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from src.data import CIFARDataModule, DataUnavailable, DigitsDataModule, SyntheticDataModule
+from src.data import (
+    CIFARDataModule,
+    DataUnavailable,
+    DigitsDataModule,
+    FashionMNISTDataModule,
+    SyntheticDataModule,
+)
 from src.data.augment import random_crop_flip
+from src.data.fashion_mnist import DEBIAN_DIR
 from src.errors import ConfigError
 
 
@@ -62,3 +72,63 @@ def test_cifar_without_files_or_network_says_what_to_do(tmp_path):
         dm.prepare_data()
     msg = str(err.value)
     assert "\n" not in msg and "data.data_dir" in msg and "data=digits" in msg
+
+
+needs_fashion_mnist = pytest.mark.skipif(
+    not Path(DEBIAN_DIR).is_dir(), reason="apt-get install dataset-fashion-mnist"
+)
+
+
+@pytest.fixture(scope="module")
+def fashion_cache(tmp_path_factory):
+    """Debian's .gz files decompressed once into a torchvision layout for this module's tests."""
+    cache = tmp_path_factory.mktemp("fashion")
+    FashionMNISTDataModule(cache_dir=str(cache)).prepare_data()
+    return cache
+
+
+@needs_fashion_mnist
+def test_fashion_mnist_splits_and_images_are_torchvisions(fashion_cache):
+    from torchvision.datasets import FashionMNIST
+
+    dm = FashionMNISTDataModule(cache_dir=str(fashion_cache))  # default val_size=5000
+    dm.setup()
+    sizes = {k: len(v) for k, v in dm.splits.items()}
+    assert sizes == {"train": 55000, "val": 5000, "test": 10000}
+    x, y = dm.splits["train"].tensors
+    assert x.shape == (55000, 1, 28, 28) and x.dtype == torch.uint8
+    # train + val is a partition of the 60k training images: 6,000 of each of the 10 classes
+    yv = dm.splits["val"].tensors[1]
+    assert torch.bincount(torch.cat([y, yv])).tolist() == [6000] * 10
+    full = FashionMNISTDataModule(cache_dir=str(fashion_cache), val_size=0)
+    full.setup()
+    for train, expect in ((True, (9, 0)), (False, (9, 2))):  # ankle boot, T-shirt / pullover
+        tv = FashionMNIST(str(fashion_cache), train=train)
+        xs, ys = full.splits["train" if train else "test"].tensors
+        for i, label in enumerate(expect):
+            img, target = tv[i]  # a PIL image, as torchvision returns it
+            assert target == label == ys[i]
+            assert np.array_equal(np.asarray(img), xs[i, 0].numpy())
+
+
+@needs_fashion_mnist
+def test_fashion_mnist_augmentation_keeps_shapes(fashion_cache):
+    dm = FashionMNISTDataModule(cache_dir=str(fashion_cache), batch_size=64)
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (64, 1, 28, 28) and y.shape == (64,)
+    aug = dm.transform(x, train=True, generator=torch.Generator().manual_seed(0))
+    plain = dm.transform(x, train=False)
+    assert aug.shape == plain.shape == x.shape and aug.dtype == torch.float32
+    assert not torch.equal(aug, plain) and abs(plain.mean()) < 0.5
+
+
+def test_fashion_mnist_without_files_says_what_to_do(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    dm = FashionMNISTDataModule(data_dir=str(empty), cache_dir=str(tmp_path / "cache"))
+    for step in (dm.prepare_data, dm.setup):
+        with pytest.raises(DataUnavailable) as err:
+            step()
+        msg = str(err.value)
+        assert "\n" not in msg and "apt-get install dataset-fashion-mnist" in msg
+        assert "data.data_dir=" in msg

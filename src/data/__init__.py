@@ -9,11 +9,13 @@ from src.data.datamodules import (
     TensorDataModule,
     batches,
 )
+from src.data.fashion_mnist import FashionMNISTDataModule
 
 __all__ = [
     "CIFARDataModule",
     "DataUnavailable",
     "DigitsDataModule",
+    "FashionMNISTDataModule",
     "ImageNetDataModule",
     "SyntheticDataModule",
     "TensorDataModule",
