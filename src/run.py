@@ -44,9 +44,14 @@ class DropNoise(logging.Filter):
         return not record.getMessage().startswith(self.NOISE)
 
 
-for _name in ("lightning.pytorch", "lightning.fabric"):
-    for _handler in logging.getLogger(_name).handlers:  # Lightning's own console handlers
-        _handler.addFilter(DropNoise())
+def drop_noise() -> None:
+    """Filter every console/file handler in place now (Hydra's, submitit's, Lightning's own)."""
+    names = ("", "lightning.pytorch", "lightning.fabric")
+    for handler in {h for n in names for h in logging.getLogger(n).handlers}:
+        if not any(isinstance(f, DropNoise) for f in handler.filters):
+            handler.addFilter(DropNoise())
+
+
 # Library deprecation notices a user can do nothing about (Lightning's own use of torch APIs).
 warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec.*")
 # Lightning's hint for Slurm login nodes: a local run there is deliberate; jobs use srun already.
@@ -201,6 +206,7 @@ def check_choices(argv: list[str]) -> None:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     watch_sigterm()
+    drop_noise()
     try:
         try:
             return train(cfg).get("test_error")
@@ -210,7 +216,7 @@ def main(cfg: DictConfig) -> float | None:
             raise
     except USER_ERRORS as err:
         exit_with(err)
-    except Exception:
+    except BaseException:  # Lightning ends a fit on SIGTERM with SIGTERMException(SystemExit)
         if SIGTERMED["received"]:
             # Slurm is requeueing this job and its SIGTERM broke something on the way (e.g. it
             # killed W&B's service): report no result, so the requeued job runs and reports.
