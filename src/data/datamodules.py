@@ -58,6 +58,16 @@ def batches(
         yield x, y
 
 
+def held_out_splits(x, y, test: TensorDataset, val_size: int) -> dict[str, TensorDataset]:
+    """train/val/test splits: `val_size` training examples (a fixed draw) held out for
+    validation; with 0, validation reads the test set (the paper trains on every image)."""
+    if val_size == 0:
+        return {"train": TensorDataset(x, y), "val": test, "test": test}
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    v, t = perm[:val_size], perm[val_size:]
+    return {"train": TensorDataset(x[t], y[t]), "val": TensorDataset(x[v], y[v]), "test": test}
+
+
 class TensorDataModule(L.LightningDataModule):
     """Train/val/test held as tensors; subclasses fill `self.splits` in `setup`."""
 
@@ -292,17 +302,7 @@ class CIFARDataModule(TensorDataModule):
 
         xtr, ytr = tensors(self._dataset(True, False))
         xte, yte = tensors(self._dataset(False, False))
-        test = TensorDataset(xte, yte)
-        if self.val_size > 0:
-            perm = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(0))
-            v, t = perm[: self.val_size], perm[self.val_size :]
-            self.splits = {
-                "train": TensorDataset(xtr[t], ytr[t]),
-                "val": TensorDataset(xtr[v], ytr[v]),
-                "test": test,
-            }
-        else:
-            self.splits = {"train": TensorDataset(xtr, ytr), "val": test, "test": test}
+        self.splits = held_out_splits(xtr, ytr, TensorDataset(xte, yte), self.val_size)
 
 
 class ImageNetDataModule(L.LightningDataModule):

@@ -15,10 +15,9 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
 from torch.utils.data import TensorDataset
 
-from src.data.datamodules import DataUnavailable, TensorDataModule
+from src.data.datamodules import DataUnavailable, TensorDataModule, held_out_splits
 from src.errors import ConfigError
 
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"  # `apt-get install dataset-fashion-mnist`
@@ -106,15 +105,5 @@ class FashionMNISTDataModule(TensorDataModule):
 
         root = str(self._root())
         train, test = FashionMNIST(root, train=True), FashionMNIST(root, train=False)
-        xtr, ytr = train.data[:, None], train.targets
         test = TensorDataset(test.data[:, None], test.targets)
-        if self.val_size > 0:
-            perm = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(0))
-            v, t = perm[: self.val_size], perm[self.val_size :]
-            self.splits = {
-                "train": TensorDataset(xtr[t], ytr[t]),
-                "val": TensorDataset(xtr[v], ytr[v]),
-                "test": test,
-            }
-        else:
-            self.splits = {"train": TensorDataset(xtr, ytr), "val": test, "test": test}
+        self.splits = held_out_splits(train.data[:, None], train.targets, test, self.val_size)
