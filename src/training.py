@@ -76,7 +76,15 @@ class StochasticDepth(TrainingMode):
             )
 
     def train_plan(self, n_blocks: int) -> Plan:
-        return Plan(drop_prob=self.drop_probs(n_blocks))
+        """One draw per block per mini-batch (torchvision's mode "batch"): a dropped block's
+        residual branch does not run, forward or backward (Huang et al.'s saving); a kept one is
+        scaled by 1/survival, so test time runs every block unscaled."""
+        survival = 1.0 - torch.tensor(self.drop_probs(n_blocks), dtype=torch.float64)
+        kept = torch.bernoulli(survival).bool().tolist()
+        return Plan(
+            deleted=frozenset(i for i, k in enumerate(kept) if not k),
+            branch_scale=tuple(1.0 / float(s) for s in survival),
+        )
 
 
 class BlockSubset(TrainingMode):

@@ -3,6 +3,8 @@ modes a network without shortcuts cannot take, the paper's lr schedule, and trai
 LightningModule: gradients reach exactly the blocks the mode trains, and modes share data and
 augmentation."""
 
+import copy
+
 import lightning as L
 import pytest
 import torch
@@ -63,12 +65,18 @@ def test_stochastic_depth_linear_decay_and_eval_is_full_network():
     probs = mode.drop_probs(54)
     assert probs[0] == pytest.approx(0.5 / 54) and probs[-1] == pytest.approx(0.5)
     assert all(a < b for a, b in zip(probs, probs[1:]))
+    assert mode.eval_plan(54) is None  # test time: every block, unscaled
+    # one draw per block per step, at the block's rate (4,000 draws: a few standard errors)
     torch.manual_seed(0)
-    net = preact_resnet_cifar(3, in_channels=1).eval()
+    dropped = torch.zeros(54)
+    for _ in range(4000):
+        for i in mode.train_plan(54).deleted:
+            dropped[i] += 1
+    assert torch.allclose(dropped / 4000, torch.tensor(probs, dtype=torch.float32), atol=0.03)
+    torch.manual_seed(0)
+    net = preact_resnet_cifar(3, in_channels=1)
     x = torch.randn(2, 1, 8, 8)
-    assert torch.allclose(net(x, mode.train_plan(net.n_blocks)), net(x), atol=1e-6)
     # training: a dropped block contributes its shortcut only (all dropped == all deleted)
-    net.train()
     n = net.n_blocks
     all_dropped = net(x, Plan(drop_prob=(1.0,) * n))
     assert torch.allclose(all_dropped, net(x, Plan(deleted=frozenset(range(n)))), atol=1e-6)
@@ -213,3 +221,36 @@ def test_blocks_per_step_recorded_in_metrics():
     assert Standard().blocks_per_step(54) == 54
     assert BlockSubset(k=23).blocks_per_step(54) == 23
     assert StochasticDepth().blocks_per_step(54) is None
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_drawn_stochastic_depth_plan_equals_computing_every_branch(seed):
+    """For a fixed draw, skipping the dropped branches gives what computing every branch and
+    zeroing the dropped ones (x 1/survival for the kept) gives, outputs and gradients alike; the
+    skipped branches get no gradient and their BatchNorm statistics stay as they were."""
+    mode = StochasticDepth(final_survival=0.5)
+    torch.manual_seed(seed)
+    net = preact_resnet_cifar(3, in_channels=1).train()
+    reference = copy.deepcopy(net)
+    x = torch.randn(4, 1, 8, 8)
+    plan = mode.train_plan(net.n_blocks)
+    assert plan.deleted and len(plan.deleted) < net.n_blocks, "draw another seed"
+    survival = [1 - p for p in mode.drop_probs(net.n_blocks)]
+    out = net(x, plan)
+    h = reference.stem(x)
+    for i, block in enumerate(reference.blocks):  # every branch computed, dropped ones zeroed
+        noise = 0.0 if i in plan.deleted else 1.0 / survival[i]
+        h = block.merge(block.shortcut(h), block.residual(h) * noise)
+    want = reference.head(h)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    out.sum().backward()
+    want.sum().backward()
+    for (name, p), q in zip(net.named_parameters(), reference.parameters()):
+        block = int(name.split(".")[1]) if name.startswith("blocks.") else None
+        if block in plan.deleted and p.grad is None:
+            continue  # skipped: no gradient at all (the reference has zeros or the shortcut's)
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
+    for i, block in enumerate(net.blocks):  # a skipped branch's BatchNorm saw no batch
+        if not block.downsampling:  # (a downsampling shortcut shares the pre-activation BN)
+            bns = [m for m in block.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+            assert {int(m.num_batches_tracked) for m in bns} == {0 if i in plan.deleted else 1}

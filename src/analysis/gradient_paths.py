@@ -57,10 +57,11 @@ def gradient_plan(base: Plan | None, **gate) -> Plan:
     """`base` (the trained network's eval plan, or the full network) with a backward-only gate
     (`grad_path=...` or `grad_scale=...`) on top."""
     base = FULL if base is None else base
-    if base.drop_prob is not None or base.grad_path is not None or base.grad_scale is not None:
+    training_only = (base.drop_prob, base.branch_scale, base.grad_path, base.grad_scale)
+    if any(v is not None for v in training_only):
         raise ConfigError(
             "gradient paths measure a fixed eval plan (order, deleted, residual_scale), not one "
-            "with drop_prob/grad_path/grad_scale: pass the network's test-time plan"
+            "with drop_prob/branch_scale/grad_path/grad_scale: pass the network's test-time plan"
         )
     return dataclasses.replace(base, **gate)
 

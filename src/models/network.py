@@ -6,7 +6,10 @@ experiment of the paper is a *plan* handed to `Network.forward` for that call on
 - delete blocks at test time (Sec. 4.1, 4.2): `Plan(deleted={i, ...})` keeps the shortcut;
 - reorder blocks (Sec. 4.3): `Plan(order=(...))`;
 - train k of n blocks per mini-batch (Sec. 5): `Plan(deleted=<the n-k others>)`;
-- stochastic depth (Sec. 6): `Plan(drop_prob=(...))`, via `torchvision.ops.stochastic_depth`;
+- stochastic depth (Sec. 6), as trained: the drawn drops as a plan,
+  `Plan(deleted=<dropped>, branch_scale=<1/survival>)`, so a dropped branch does not run;
+  `Plan(drop_prob=(...))` computes every branch and zeroes the dropped ones
+  (`torchvision.ops.stochastic_depth`; the reference the drawn plan is tested and timed against);
 - gradient of one path (Sec. 5, Fig. 6b): `Plan(grad_path={blocks whose residual it crosses})`;
 - backward-only residual scaling lambda (path decomposition): `Plan(grad_scale=lam)`.
 
@@ -56,6 +59,8 @@ class Plan:
     order:        block indices in execution order (None: 0..n-1). Blocks left out do not run.
     deleted:      blocks whose residual branch is removed; their shortcut (skip) still runs.
     residual_scale: forward multiplier on every residual branch that runs (test-time rescaling).
+    branch_scale: per-block forward multiplier of the residual branch (stochastic depth's
+                  1/survival on the branches a training step keeps).
     drop_prob:    per-block stochastic-depth drop probability (used in training mode only).
     grad_path:    backward only: gradient flows through the residual branch of these blocks and
                   through the shortcut of all others (one path of the unraveled view).
@@ -65,6 +70,7 @@ class Plan:
     order: tuple[int, ...] | None = None
     deleted: frozenset[int] = frozenset()
     residual_scale: float = 1.0
+    branch_scale: tuple[float, ...] | None = None
     drop_prob: tuple[float, ...] | None = None
     grad_path: frozenset[int] | None = None
     grad_scale: float | None = None
@@ -77,6 +83,7 @@ class Plan:
         """True when every running block can use its fused `forward`."""
         return (
             self.residual_scale == 1.0
+            and self.branch_scale is None
             and self.drop_prob is None
             and self.grad_path is None
             and self.grad_scale is None
@@ -88,8 +95,10 @@ class Plan:
             raise ValueError(
                 f"block index {bad[0]} out of range: this network has blocks 0..{n_blocks - 1}"
             )
-        if self.drop_prob is not None and len(self.drop_prob) != n_blocks:
-            raise ValueError(f"drop_prob needs one value per block ({n_blocks})")
+        for name in ("drop_prob", "branch_scale"):
+            values = getattr(self, name)
+            if values is not None and len(values) != n_blocks:
+                raise ValueError(f"{name} needs one value per block ({n_blocks})")
 
 
 FULL = Plan()
@@ -136,6 +145,8 @@ class Network(nn.Module):
             r = stochastic_depth(r, plan.drop_prob[i], "batch", self.training)
         if plan.residual_scale != 1.0:
             r = r * plan.residual_scale
+        if plan.branch_scale is not None and plan.branch_scale[i] != 1.0:
+            r = r * plan.branch_scale[i]
         if plan.grad_path is not None:
             if i in plan.grad_path:
                 s = s.detach()
