@@ -61,11 +61,8 @@ class WandbLogger(_WandbLogger):
 
 def finished_results(output_dir: Path) -> list[Path]:
     """What a run already wrote into `output_dir` that a new run would overwrite."""
-    found = [output_dir / "metrics.json", output_dir / "checkpoints" / "last.ckpt"]
-    found = [p for p in found if p.exists()]
-    found += sorted((output_dir / "checkpoints").glob("*.ckpt"))[:1]
-    found += sorted(output_dir.glob("hpc_ckpt_*.ckpt"))[:1]
-    return list(dict.fromkeys(found))
+    found = [output_dir / "metrics.json", *sorted(output_dir.glob("checkpoints/*.ckpt"))]
+    return [p for p in [*found, *sorted(output_dir.glob("hpc_ckpt_*.ckpt"))] if p.exists()]
 
 
 def refuse_to_overwrite(output_dir: Path, resuming: bool) -> None:
