@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from src.analysis.gradient_paths import fast_path_grads, sample_paths, straightforward_path_grads  # noqa: E402
+from src.engines.paths import fast_path_grads, sample_paths, straightforward_path_grads  # noqa: E402
 from src.models.preact_resnet import preact_resnet_cifar  # noqa: E402
 
 

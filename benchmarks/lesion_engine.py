@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from src.analysis.lesion import lesion_errors, lesion_plan  # noqa: E402
 from src.data import SyntheticDataModule, batches  # noqa: E402
+from src.engines.lesion import lesion_errors, lesion_plan  # noqa: E402
 from src.models import preact_resnet_cifar  # noqa: E402
 
 

@@ -1,164 +1,90 @@
-"""Combine the jobs of a sweep into figures with confidence bands and a markdown summary.
+"""The sweep aggregator: one results folder in, figures with confidence bands and a markdown report
+out.
 
-    python -m src.report <multirun dir> [--out DIR]
+    python -m src.report <run or sweep dir> [--out DIR] [--alpha 0.05]
 
-Reads every job's `metrics.json`, `.hydra/overrides.yaml` and whichever analysis CSVs it wrote
-(delete_single, delete_many, reorder, gradient_paths; absent ones are skipped). Jobs that differ
-only in `seed` are replicates; every other swept override (model=..., training=...) is a curve of
-its own. Each point is the mean over seeds (trials within a job are averaged first) with a
-t-based 95% confidence interval. Writes `<out>/<analysis>.png` and `<out>/report.md` (the paper's
-claim, our measured value, the spread); `<out>` defaults to `<multirun dir>/report`.
+Every multirun also calls it once when its last job has finished (`SweepReport`, a Hydra callback
+in conf/hydra/default.yaml), so a sweep's overlay figures are drawn once, not once per job.
+
+It loads every run below the folder (`src.results.runs`: metrics.json and overrides) and every
+analysis table (`src.results.load`). Runs that differ only in `seed` are replicates; every other
+override that varies between runs (`model=`, `training=`, ...) makes a group, drawn as a curve of
+its own. Each point is the mean over seeds (trials within a run averaged first) with a t-based 95%
+confidence interval. Writes into `<out>` (default `<dir>/report/`): `report.md` (the paper's
+claim beside our measured value and its spread), one figure per analysis (`delete_single.png`,
+`delete_many.png`, `reorder.png`, `gradient_paths.png`), `tables.parquet` (every table, one
+DataFrame), and for a sweep of block-subset vs full training (paper Sec. 5)
+`effective_paths.{md,json,png}` with Welch's, the paired t- and Wilcoxon's tests.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import io
 import math
-import statistics
-from collections import defaultdict
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import yaml
-from scipy import stats
+import pandas as pd
 
-from src.analysis.io import atomic_write, read_csv, save_figure
+from src import figures, results, stats
+from src.errors import ConfigError
 
 REPLICATE_KEYS = {"seed"}
 
 
 @dataclass(frozen=True)
-class Analysis:
-    """One analysis CSV: the curve it draws (x, y columns) and the paper's claim about it."""
+class Study:
+    """One analysis table: its figure, the paper's claim about it, and our headline number."""
 
     name: str
-    x: str
-    y: str
     title: str
     claim: str
+    figure: object
 
 
-ANALYSES = (
-    Analysis(
+STUDIES = (
+    Study(
         "delete_single",
-        "block",
-        "error",
         "Fig. 3: deleting single blocks",
         "Deleting any single block other than a downsampling one leaves the test error close to "
         "the unlesioned network's (VGG, by contrast, drops to chance).",
+        figures.delete_single,
     ),
-    Analysis(
+    Study(
         "delete_many",
-        "k",
-        "error",
         "Fig. 5a: deleting k blocks",
         "Error grows smoothly with the number of deleted blocks: no single block is critical.",
+        figures.delete_many,
     ),
-    Analysis(
+    Study(
         "reorder",
-        "swaps",
-        "error",
         "Fig. 5b: reordering blocks",
         "Error grows smoothly as more blocks are swapped (Kendall tau falls).",
+        figures.reorder,
     ),
-    Analysis(
+    Study(
         "gradient_paths",
-        "length",
-        "grad_norm_mean",
         "Fig. 6b: gradient magnitude per path length",
         "The gradient reaching the input through one path falls exponentially with the path's "
         "length; the effective paths of ResNet-110 are 5-17 blocks long.",
+        figures.gradient_curves,
     ),
 )
 
 
-@dataclass
-class Job:
-    path: Path
-    overrides: dict[str, str]
-    metrics: dict
-
-
-def load_jobs(sweep: Path) -> list[Job]:
-    jobs = []
-    for path in sorted(p for p in Path(sweep).iterdir() if (p / "metrics.json").is_file()):
-        ov_file = path / ".hydra" / "overrides.yaml"
-        overrides = yaml.safe_load(ov_file.read_text()) if ov_file.is_file() else []
-        pairs = dict(o.lstrip("+~").split("=", 1) for o in overrides or [] if "=" in o)
-        jobs.append(Job(path, pairs, json.loads((path / "metrics.json").read_text())))
-    return jobs
-
-
-def group_name(job: Job, swept: list[str]) -> str:
-    return ", ".join(f"{k}={job.overrides.get(k, '-')}" for k in swept) or "all jobs"
-
-
-def swept_keys(jobs: list[Job]) -> list[str]:
-    """Overrides that differ between jobs, other than the replicate (seed) keys."""
-    keys = sorted({k for j in jobs for k in j.overrides} - REPLICATE_KEYS)
-    return [k for k in keys if len({j.overrides.get(k) for j in jobs}) > 1]
-
-
-def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float]:
-    """Mean and the half-width of its t-based confidence interval (nan for one value)."""
-    n = len(values)
-    mean = statistics.fmean(values)
-    if n < 2:
-        return mean, math.nan
-    half = stats.t.ppf(0.5 + level / 2, n - 1) * statistics.stdev(values) / math.sqrt(n)
-    return mean, float(half)
-
-
-def job_curve(csv_path: Path, a: Analysis) -> dict[float, float]:
-    """x -> y for one job, averaged over the trials that share an x."""
-    by_x: dict[float, list[float]] = defaultdict(list)
-    for row in read_csv(csv_path):
-        by_x[float(row[a.x])].append(float(row[a.y]))
-    return {x: statistics.fmean(ys) for x, ys in by_x.items()}
-
-
-def curves(jobs: list[Job], swept: list[str], a: Analysis) -> dict[str, dict]:
-    """group -> {"x": [...], "mean": [...], "ci": [...], "n": [...], "per_seed": [curves]}."""
-    per_group: dict[str, list[dict[float, float]]] = defaultdict(list)
-    for job in jobs:
-        csv_path = job.path / "analysis" / f"{a.name}.csv"
-        if csv_path.is_file():
-            per_group[group_name(job, swept)].append(job_curve(csv_path, a))
-    out = {}
-    for group, seeds in per_group.items():
-        xs = sorted({x for c in seeds for x in c})
-        rows = [mean_ci([c[x] for c in seeds if x in c]) for x in xs]
-        out[group] = {
-            "x": xs,
-            "mean": [m for m, _ in rows],
-            "ci": [h for _, h in rows],
-            "n": [sum(x in c for c in seeds) for x in xs],
-            "per_seed": seeds,
-        }
-    return out
-
-
-def plot(a: Analysis, data: dict[str, dict], out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for group, d in data.items():
-        x, m, h = np.array(d["x"]), np.array(d["mean"]), np.nan_to_num(np.array(d["ci"]))
-        (line,) = ax.plot(x, m, marker="o", ms=3, label=f"{group} (n={max(d['n'])})")
-        lo, hi = m - h, m + h
-        if a.y == "error":  # an error rate's band stays within [0, 1]
-            lo, hi = np.clip(lo, 0, 1), np.clip(hi, 0, 1)
-        ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.25, linewidth=0)
-    if a.name == "gradient_paths":
-        ax.set_yscale("log")
-    ax.set(xlabel=a.x, ylabel=a.y, title=a.title)
-    ax.legend(fontsize=7)
-    return save_figure(fig, out / f"{a.name}.png")
+def groups(runs: pd.DataFrame) -> pd.Series:
+    """A label per run: the overrides that vary between runs, other than the seed."""
+    ov = runs.overrides if "overrides" in runs else pd.Series([{}] * len(runs))
+    keys = sorted({k for o in ov for k in o} - REPLICATE_KEYS)
+    swept = [k for k in keys if len({o.get(k) for o in ov}) > 1]
+    if not swept:
+        name = "all runs"
+        if "model" in runs and runs.model.nunique() == 1:
+            name = str(runs.model.iloc[0])
+        return pd.Series([name] * len(runs), index=runs.index)
+    return ov.map(lambda o: ", ".join(f"{k}={o.get(k, '-')}" for k in swept))
 
 
 def fmt(mean: float, half: float, pct: bool = True) -> str:
@@ -168,86 +94,182 @@ def fmt(mean: float, half: float, pct: bool = True) -> str:
     return f"{mean * scale:.2f}{unit} ± {half * scale:.2f}{' pp' if pct else ''}"
 
 
-def measured(a: Analysis, jobs: list[Job], swept: list[str], group: str, d: dict) -> str:
-    """The headline number of one analysis for one group, as mean ± 95% CI over seeds."""
-    if a.name == "delete_single":
-        # error increase over the job's own baseline, averaged over non-downsampling blocks
-        rises = []
-        for job in (j for j in jobs if group_name(j, swept) == group):
-            rows = read_csv(job.path / "analysis" / "delete_single.csv")
-            plain = [float(r["error"]) for r in rows if r["downsampling"] in ("False", "0")]
-            if plain and "test_error" in job.metrics:
-                rises.append(statistics.fmean(plain) - job.metrics["test_error"])
-        if not rises:
-            return "no non-downsampling blocks"
-        return f"mean error rise over baseline (non-downsampling blocks): {fmt(*mean_ci(rises))}"
-    if a.name in ("delete_many", "reorder"):
-        jumps = [max(np.diff([c[x] for x in sorted(c)]), default=0.0) for c in d["per_seed"]]
-        last = f"error at {a.x}={d['x'][-1]:g}: {fmt(d['mean'][-1], d['ci'][-1])}"
-        return f"{last}; largest step between neighbouring {a.x}: {fmt(*mean_ci(jumps))}"
-    if a.name == "gradient_paths":
-        slopes = []
-        for c in d["per_seed"]:
-            xs = sorted(x for x in c if c[x] > 0)
-            if len(xs) >= 2:
-                slopes.append(np.polyfit(xs, np.log([c[x] for x in xs]), 1)[0])
-        if not slopes:
-            return "too few path lengths to fit"
-        m, h = mean_ci(slopes)
-        return f"gradient norm changes by a factor {math.exp(m):.3f} per block of path length " + (
-            f"(log-slope {m:.3f} ± {h:.3f})" if not math.isnan(h) else f"(log-slope {m:.3f})"
+def headline(study: str, t: pd.DataFrame) -> str:
+    """The headline number of one study for one group, as mean ± 95% CI over its runs."""
+    per_run = t.groupby("run_dir")
+    if study == "delete_single":
+        rises = per_run.apply(
+            lambda r: stats.delete_single_headline(r, r.baseline.iloc[0])[
+                "mean_increase_nondownsampling"
+            ]
         )
+        return (
+            "mean error rise over baseline (non-downsampling blocks): "
+            f"{fmt(*stats.mean_ci(rises.tolist()))}"
+        )
+    if study in ("delete_many", "reorder"):
+        x = "k" if study == "delete_many" else "swaps"
+        last = t[x].max()
+        at_last = per_run.apply(lambda r: r.loc[r[x] == last, "error"].mean())
+        steps = per_run.apply(lambda r: stats.largest_step(r, x))
+        return (
+            f"error at {x}={last:g}: {fmt(*stats.mean_ci(at_last.tolist()))}; largest step "
+            f"between neighbouring {x}: {fmt(*stats.mean_ci(steps.tolist()))}"
+        )
+    if study == "gradient_paths":
+        fits = per_run.apply(lambda r: stats.fit_decay(r.length, r.grad_norm_mean)["decay_rate"])
+        fits = fits.dropna()
+        if fits.empty:
+            return "too few path lengths to fit"
+        m, h = stats.mean_ci(fits.tolist())
+        spread = f"log-slope {m:.3f}" + ("" if math.isnan(h) else f" ± {h:.3f}")
+        return f"gradient norm changes by a factor {math.exp(m):.3f} per block ({spread})"
     return ""
 
 
-def report(sweep: Path, out: Path | None = None) -> Path:
-    sweep = Path(sweep)
-    jobs = load_jobs(sweep)
-    if not jobs:
-        raise SystemExit(f"error: no job with metrics.json under {sweep} (is it a multirun dir?)")
-    out = Path(out) if out else sweep / "report"
-    swept = swept_keys(jobs)
+def effective_paths(runs: pd.DataFrame, out: Path, alpha: float) -> list[str]:
+    """Sec. 5 (block-subset vs full training) when the runs hold both arms; report lines."""
+    needed = {"training", "k", "n_blocks", "test_error", "seed"}
+    if not needed <= set(runs) or not runs.training.isin(["block_subset"]).any():
+        return []
+    arms = runs[runs.training.isin(["block_subset", "standard"])].copy()
+    arms["arm"] = [stats.arm(t, k, n) for t, k, n in zip(arms.training, arms.k, arms.n_blocks)]
+    try:
+        res = stats.compare_arms(arms, alpha)
+    except ConfigError as err:
+        return ["", "## Sec. 5: effective-path training", "", f"Not compared: {err}."]
+    steps = sorted(int(s) for s in arms.get("global_step", pd.Series([-1])).unique())
+    res |= {"steps": steps, "same_step_budget": len(steps) == 1}
+    columns = ["run_dir", "arm", "seed", "test_error"]
+    results.write_json(
+        out / "effective_paths.json", {**res, "runs": arms[columns].to_dict("records")}
+    )
+    md = effective_paths_markdown(arms[columns], res)
+    results.atomic_write(out / "effective_paths.md", md)
+    results.save_figure(figures.effective_paths(arms, res), out / "effective_paths.png")
+    return ["", *md.splitlines()[0:1], "", "![effective paths](effective_paths.png)", "",
+            *md.splitlines()[2:]]
+
+
+def effective_paths_markdown(runs: pd.DataFrame, res: dict) -> str:
+    sub = res["subset_arm"]
     lines = [
-        f"# Sweep report: {sweep.name}",
+        "## Sec. 5: effective-path training",
         "",
-        f"{len(jobs)} finished jobs in `{sweep}`; swept: {', '.join(swept) or 'seed only'}. "
-        "Values are mean ± half-width of the t-based 95% confidence interval over seeds, in "
-        "percentage points for error rates (no interval with one seed).",
+        f"Block-subset training ({sub} blocks per mini-batch) vs full training, "
+        f"steps per run: {res['steps']}.",
         "",
-        "## Test error",
-        "",
-        "| group | seeds | test error | min | max |",
-        "|---|---|---|---|---|",
+        "| arm | runs | mean test error | std |",
+        "|---|---|---|---|",
     ]
-    by_group: dict[str, list[float]] = defaultdict(list)
-    for job in jobs:
-        if "test_error" in job.metrics:
-            by_group[group_name(job, swept)].append(job.metrics["test_error"])
-    for group, errs in sorted(by_group.items()):
-        lines.append(
-            f"| {group} | {len(errs)} | {fmt(*mean_ci(errs))} | {min(errs) * 100:.2f}% "
-            f"| {max(errs) * 100:.2f}% |"
+    for a, s in res["arms"].items():
+        lines.append(f"| {a} | {s['runs']} | {s['mean_error']:.4f} | {s['std_error']:.4f} |")
+    lines += ["", "| test | statistic | p-value |", "|---|---|---|"]
+    for name in ("welch_t", "paired_t", "wilcoxon"):
+        if name in res:
+            t = res[name]
+            stat = "nan" if t["statistic"] is None else f"{t['statistic']:.3f}"
+            pv = "nan" if t["p_value"] is None else f"{t['p_value']:.4f}"
+            lines.append(f"| {name} | {stat} | {pv} |")
+    verdict = "a" if res["significant"] else "no"
+    lines += [
+        "",
+        f"Difference (subset - full): {res['difference_subset_minus_full']:+.4f}; "
+        f"{verdict} statistically significant difference at alpha={res['alpha']} (Welch).",
+        "",
+        "| run | arm | seed | test error |",
+        "|---|---|---|---|",
+        *(
+            f"| {r.run_dir} | {r.arm} | {r.seed} | {r.test_error:.4f} |"
+            for r in runs.itertuples()
+        ),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def report(path: str | Path, out: str | Path | None = None, alpha: float = 0.05) -> Path:
+    """Aggregate every run below `path` into `<out>/report.md` and figures; returns report.md."""
+    if not 0 < alpha < 1:
+        raise ConfigError(f"alpha={alpha} must lie in (0, 1)")
+    path = Path(path)
+    runs, tables = results.runs(path), results.load(path)
+    if runs.empty and tables.empty:
+        raise ConfigError(
+            f"no finished run (metrics.json) or analysis table under {path}: pass a run or "
+            "multirun directory under outputs/"
         )
-    for a in ANALYSES:
-        data = curves(jobs, swept, a)
-        if not data:
+    out = Path(out) if out else path / "report"
+    label = dict(zip(runs.run_dir, groups(runs))) if not runs.empty else {}
+    tables["label"] = tables.run_dir.map(label).fillna("all runs")
+    if not tables.empty:
+        buf = io.BytesIO()
+        tables.drop(columns=["label"]).to_parquet(buf, index=False)
+        results.atomic_write(out / "tables.parquet", buf.getvalue())
+    swept = sorted(set(label.values()))
+    lines = [
+        f"# Report: {path.name}",
+        "",
+        f"{len(runs)} finished runs in `{path}`; groups: {', '.join(swept) or 'none'}. Values "
+        "are mean ± half-width of the t-based 95% confidence interval over seeds, in percentage "
+        "points for error rates (no interval with one seed).",
+    ]
+    if "test_error" in runs:
+        lines += ["", "## Test error", "", "| group | seeds | test error | min | max |"]
+        lines.append("|---|---|---|---|---|")
+        for group, errs in runs.groupby(groups(runs)).test_error:
+            e = errs.dropna().tolist()
+            lines.append(
+                f"| {group} | {len(e)} | {fmt(*stats.mean_ci(e))} | {min(e) * 100:.2f}% "
+                f"| {max(e) * 100:.2f}% |"
+            )
+    for s in STUDIES:
+        t = tables[tables.study == s.name].dropna(axis=1, how="all")
+        if t.empty:
             continue
-        png = plot(a, data, out)
-        lines += ["", f"## {a.title}", "", f"**Paper:** {a.claim}", "", f"![{a.name}]({png.name})"]
+        png = results.save_figure(s.figure(t), out / f"{s.name}.png")
+        lines += ["", f"## {s.title}", "", f"**Paper:** {s.claim}", "", f"![{s.name}]({png.name})"]
         lines += ["", "| group | seeds | measured |", "|---|---|---|"]
-        for group, d in sorted(data.items()):
-            value = measured(a, jobs, swept, group, d)
-            lines.append(f"| {group} | {len(d['per_seed'])} | {value} |")
-    return atomic_write(out / "report.md", "\n".join(lines) + "\n")
+        for group, g in t.groupby("label", sort=True):
+            lines.append(f"| {group} | {g.run_dir.nunique()} | {headline(s.name, g)} |")
+    if not runs.empty:
+        lines += effective_paths(runs, out, alpha)
+    return results.atomic_write(out / "report.md", "\n".join(lines) + "\n")
 
 
-def main(argv: list[str] | None = None) -> None:
+try:
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # pragma: no cover
+    _HydraCallback = object
+
+
+class SweepReport(_HydraCallback):
+    """Hydra callback: aggregate a multirun once, when its last job has finished (local or
+    Slurm: the launcher returns after every job), into `<sweep dir>/report/`."""
+
+    def __init__(self, alpha: float = 0.05):
+        self.alpha = alpha
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        sweep = Path(config.hydra.sweep.dir)
+        try:
+            print(f"sweep report: {report(sweep, alpha=self.alpha)}")
+        except ConfigError as err:
+            print(f"error: sweep report: {err}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("sweep", type=Path, help="a multirun dir (outputs/<exp>/multirun_...)")
-    parser.add_argument("--out", type=Path, default=None, help="default: <sweep>/report")
+    parser.add_argument("path", type=Path, help="a run or multirun dir under outputs/")
+    parser.add_argument("--out", type=Path, default=None, help="default: <path>/report")
+    parser.add_argument("--alpha", type=float, default=0.05, help="significance level (Sec. 5)")
     args = parser.parse_args(argv)
-    print(report(args.sweep, args.out))
+    try:
+        print(report(args.path, args.out, args.alpha))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -23,12 +23,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from src import checkpoint
-from src.analysis.io import write_json
 from src.cluster import SIGTERMED, ddp_ranks_join_this_job, leave_ddp, requeued, watch_sigterm
 from src.data import DataUnavailable
 from src.errors import ConfigError, exit_with
 from src.module import Classifier
-from src.rundir import refuse_to_overwrite
+from src.results import write_json
+from src.rundir import refuse_to_overwrite, wandb_id
 
 log = logging.getLogger("src.run")
 USER_ERRORS = (ConfigError, DataUnavailable, FileNotFoundError)
@@ -117,6 +117,7 @@ def run_facts(cfg: DictConfig, choices: dict, net, mode) -> dict:
         "n_blocks": net.n_blocks,
         "k": mode.blocks_per_step(net.n_blocks),
         "seed": cfg.get("seed"),
+        "run_id": wandb_id(cfg.paths.output_dir),
     }
 
 
@@ -146,6 +147,7 @@ def train(cfg: DictConfig) -> dict:
     )
     mode = instantiate(cfg.training)
     module = Classifier(net, mode=mode, num_classes=datamodule.num_classes, **cfg.optim)
+    module.facts = run_facts(cfg, choices, net, mode)  # the metadata columns of every table
     ddp_ranks_join_this_job()
     callbacks = build(cfg, "callbacks")
     if cfg.train:
@@ -181,7 +183,7 @@ def train(cfg: DictConfig) -> dict:
     results = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     metrics = {k.replace("/", "_"): float(v) for k, v in results.items()}
     metrics["global_step"] = trainer.global_step
-    metrics |= run_facts(cfg, choices, net, mode)
+    metrics |= module.facts
     if trainer.is_global_zero:
         write_json(output_dir / "metrics.json", metrics)
         log.info(

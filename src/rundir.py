@@ -17,8 +17,8 @@ from hydra.types import RunMode
 from lightning.pytorch.loggers import WandbLogger as _WandbLogger
 from omegaconf import OmegaConf
 
-from src.analysis.io import atomic_write
 from src.errors import ConfigError
+from src.results import atomic_write
 
 # A per-process random suffix keeps run directories unique when many jobs start in one second.
 OmegaConf.register_new_resolver("uid", lambda: secrets.token_hex(3), use_cache=True, replace=True)

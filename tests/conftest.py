@@ -31,6 +31,15 @@ def cli_env(env: dict | None = None) -> dict:
     return {**os.environ, **base, **(env or {})}
 
 
+def own_columns(row: dict) -> list[str]:
+    """The columns of a results CSV row after the run's metadata columns (src.results.META)."""
+    from src.results import META
+
+    cols = list(row)
+    assert cols[: len(META)] == list(META), cols
+    return cols[len(META) :]
+
+
 def run_cli(
     *overrides: str,
     check: bool = True,

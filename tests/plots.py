@@ -10,7 +10,7 @@ import matplotlib.image as mpimg
 import numpy as np
 from matplotlib import colors
 
-DPI = 150  # src.analysis.io.save_figure
+DPI = 150  # src.results.save_figure
 
 
 def colour_pixels(path: Path, inches: tuple[float, float], colours: dict, tol: float = 0.2) -> dict:

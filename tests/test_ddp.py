@@ -13,8 +13,9 @@ import lightning as L
 import pytest
 import torch
 
-from src.analysis.io import AnalysisCallback, read_csv, write_json
+from src.analysis.base import AnalysisCallback
 from src.data.datamodules import batches
+from src.results import read_csv, write_json
 from tests.conftest import run_cli
 
 pytestmark = [pytest.mark.ddp, pytest.mark.slow]

@@ -24,13 +24,14 @@ import pytest
 import torch
 import yaml
 
-from src.analysis.io import read_csv
+from src.results import read_csv
 from tests.conftest import (
     QUICKSTART,
     REPO,
     fresh_copy,
     newest,
     once,
+    own_columns,
     quickstart_jobs,
     run_cli,
 )
@@ -205,10 +206,12 @@ def check_quick_experiment(command, tmp_path_factory, tmp_path):
     assert summary["baseline_error"] == pytest.approx(metrics["test_error"], abs=1e-6)
     if experiment == "delete_many":
         rows = analysis(run, "delete_many")
-        assert list(rows[0]) == ["k", "trial", "deleted", "error"] and len(rows) == 21 * 2
+        assert own_columns(rows[0]) == ["k", "trial", "deleted", "error", "baseline"]
+        assert len(rows) == 21 * 2
     elif experiment == "reorder":
         rows = analysis(run, "reorder")
-        assert list(rows[0]) == ["swaps", "trial", "kendall_tau", "error"] and len(rows) == 8 * 2
+        assert own_columns(rows[0]) == ["swaps", "trial", "kendall_tau", "error", "baseline"]
+        assert len(rows) == 8 * 2
         assert {float(r["kendall_tau"]) for r in rows if r["swaps"] == "0"} == {1.0}
     elif experiment == "imagenet_delete_single":  # ResNet-200's 3/24/36/3 bottleneck blocks
         rows = analysis(run, "delete_single")

@@ -13,31 +13,30 @@ from math import comb
 import pytest
 import torch
 
+from src.analysis.base import AnalysisCallback
 from src.analysis.delete_single import DeleteSingle
-from src.analysis.gradient_paths import (
+from src.analysis.gradient_paths import GradientPaths
+from src.data import SyntheticDataModule, batches
+from src.engines.decomposition import propagate
+from src.engines.paths import (
     BlockVJPs,
-    GradientPaths,
     fast_path_grads,
-    fit_decay,
     gated_grad,
-    length_stats,
     path_grad_norms,
     prepared,
     sample_paths,
     straightforward_path_grads,
-    total_gradient,
 )
-from src.analysis.io import AnalysisCallback, read_csv
-from src.analysis.path_decomposition import propagate
-from src.data import SyntheticDataModule, batches
 from src.errors import ConfigError
 from src.models import FULL, Plan
 from src.models.preact_resnet import preact_resnet_cifar
 from src.models.torchvision_resnet import torchvision_resnet
 from src.models.vgg import vgg15
 from src.module import Classifier
+from src.results import read_csv
+from src.stats import fit_decay, length_stats, total_gradient
 from src.training import BlockSubset
-from tests.conftest import run_cli
+from tests.conftest import own_columns, run_cli
 from tests.plots import colour_pixels
 from tests.test_training import quiet_trainer
 
@@ -168,12 +167,16 @@ def test_summaries_recover_a_known_decay():
     lengths = [k for k in range(1, 11) for _ in range(3)]
     norms = [math.exp(-1.0 - 0.3 * k) * f for k in range(1, 11) for f in (0.9, 1.0, 1.1)]
     rows = length_stats(lengths, norms)
-    assert [r["samples"] for r in rows] == [3] * 10
-    fit = fit_decay(rows)
+    assert rows.samples.tolist() == [3] * 10
+    fit = fit_decay(rows.length, rows.grad_norm_mean)
     assert fit["decay_rate"] == pytest.approx(-0.3) and fit["factor_per_block"] < 1
-    totals = total_gradient(54, rows)
-    exact = [comb(54, r["length"]) * r["grad_norm_mean"] for r in rows]
-    assert [t["share"] for t in totals] == pytest.approx([e / sum(exact) for e in exact])
+    # the means of 0.9, 1.0, 1.1 times the line lie exactly on it: no residual, no error
+    assert fit["decay_rate_se"] == pytest.approx(0.0, abs=1e-6)
+    noisy = fit_decay(lengths, norms)  # every sample: the spread gives a standard error
+    assert noisy["decay_rate"] == pytest.approx(-0.3, abs=0.01) and noisy["decay_rate_se"] > 1e-3
+    totals = total_gradient(54, rows.length, rows.grad_norm_mean)
+    exact = [comb(54, int(k)) * g for k, g in zip(rows.length, rows.grad_norm_mean)]
+    assert totals.share.tolist() == pytest.approx([e / sum(exact) for e in exact])
 
 
 @pytest.mark.parametrize(
@@ -219,14 +222,14 @@ def test_callback_measures_the_network_that_was_tested(tmp_path):
     out = tmp_path / "analysis"
 
     hand = rescaled_by_hand(module.net, 0.5).double()
-    x, y = next(batches(dm, "test"))
+    x, y = next(batches(dm, "test", seed=0))  # the callback's batch: drawn from its seed
     x = x.double()
     sampled = sample_paths(6, [1, 3, 6], 2, torch.Generator().manual_seed(0))  # the callback's
     norms = path_grad_norms(hand, x, y, [p for _, p in sampled], engine="straightforward")
     want = length_stats([k for k, _ in sampled], norms.tolist())
     rows = read_csv(out / "gradient_paths.csv")
     assert [float(r["grad_norm_mean"]) for r in rows] == pytest.approx(
-        [w["grad_norm_mean"] for w in want], rel=1e-9
+        want.grad_norm_mean.tolist(), rel=1e-9
     )
     exact = [float(r["grad_norm_exact"]) for r in read_csv(out / "path_decomposition.csv")]
     assert exact == pytest.approx([float(g.norm()) for g in propagate(hand, x, y)], rel=1e-9)
@@ -253,7 +256,7 @@ def test_autograd_analysis_after_a_lesion_study_that_moved_the_network(tmp_path)
     saved for backward")."""
     module, dm = Classifier(tiny()), tiny_data()
     callbacks = [
-        DeleteSingle(blocks=[0], device="cpu", progress=False, overlay=False),
+        DeleteSingle(blocks=[0], device="cpu", progress=False),
         DeviceRoundTrip(),
         GradientPaths(samples=1, lengths=[1, 6], batches=1, split="test", dtype="float32"),
     ]
@@ -281,7 +284,7 @@ def test_end_to_end_quick_gradient_falls_with_length(trained, tmp_path):
     )
     out = tmp_path / "analysis"
     rows = read_csv(out / "gradient_paths.csv")
-    assert list(rows[0]) == ["length", "samples", "grad_norm_mean", "grad_norm_std"]
+    assert own_columns(rows[0]) == ["length", "samples", "grad_norm_mean", "grad_norm_std"]
     assert [int(r["length"]) for r in rows] == list(range(1, 55))
     assert all(int(r["samples"]) == 3 for r in rows)
     summary = json.loads((out / "summary.json").read_text())["gradient_paths"]

@@ -6,16 +6,18 @@ from __future__ import annotations
 import copy
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 import torch
 from torch import nn
 
 from src.analysis.delete_many import DeleteMany, sample_deletions
-from src.analysis.delete_single import DeleteSingle, headline
-from src.analysis.lesion import first_change, lesion_errors, lesion_logits, lesion_plan, rebatch
+from src.analysis.delete_single import DeleteSingle
 from src.analysis.reorder import Reorder, compatible_pairs, swapped_order, tau
+from src.engines.lesion import first_change, lesion_errors, lesion_logits, lesion_plan, rebatch
 from src.errors import ConfigError
 from src.models import FULL, Network, Plan, preact_resnet_cifar, vgg15
+from src.stats import delete_single_headline
 
 TOL = 1e-5
 
@@ -207,8 +209,9 @@ def test_headline_uses_non_downsampling_blocks():
         {"block": 1, "stage": 1, "downsampling": True, "error": 0.50},
         {"block": 2, "stage": 1, "downsampling": False, "error": 0.14},
     ]
-    h = headline(rows, baseline=0.08)
+    h = delete_single_headline(pd.DataFrame(rows), baseline=0.08)
     assert h["median_increase_nondownsampling"] == pytest.approx(0.04)
+    assert h["mean_increase_nondownsampling"] == pytest.approx(0.04)
     assert h["worst_block"] == 1 and h["downsampling_errors"] == [0.50]
 
 

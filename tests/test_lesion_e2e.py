@@ -9,8 +9,8 @@ import statistics
 
 import pytest
 
-from src.analysis.io import read_csv
-from tests.conftest import newest, quickstart_jobs, run_cli
+from src.results import read_csv
+from tests.conftest import newest, own_columns, quickstart_jobs, run_cli
 from tests.plots import colour_pixels
 
 pytestmark = pytest.mark.slow
@@ -55,7 +55,7 @@ def test_delete_single_shows_the_papers_contrast(delete_single_sweep):
     res, vgg = jobs["resnet110"], jobs["vgg15"]
     assert (res.name, vgg.name) == ("0", "1")  # the sweep's order
     res_rows, vgg_rows = _rows(res, "delete_single"), _rows(vgg, "delete_single")
-    assert list(res_rows[0]) == ["block", "stage", "downsampling", "error"]
+    assert own_columns(res_rows[0]) == ["block", "stage", "downsampling", "error", "baseline"]
     assert len(res_rows) == 54 and len(vgg_rows) == 13
     assert [r["block"] for r in res_rows] == [str(i) for i in range(54)]
     assert sum(r["downsampling"] == "True" for r in res_rows) == 2
@@ -96,7 +96,9 @@ def test_delete_many_and_reorder_share_one_summary(trained, tmp_path):
     summary = json.loads((tmp_path / "analysis" / "summary.json").read_text())
     baseline = summary["baseline_error"]
     many = _rows(tmp_path, "delete_many")
-    assert list(many[0]) == ["k", "trial", "deleted", "error"] and len(many) == 12
+    assert (
+        own_columns(many[0]) == ["k", "trial", "deleted", "error", "baseline"] and len(many) == 12
+    )
     for r in many:
         assert len(set(r["deleted"].split())) == int(r["k"])
         if r["k"] == "0":
@@ -104,7 +106,10 @@ def test_delete_many_and_reorder_share_one_summary(trained, tmp_path):
     per_k = summary["delete_many"]["per_k"]
     assert per_k["20"]["mean"] > per_k["1"]["mean"]  # error grows with k (Fig. 5a)
     reorder = _rows(tmp_path, "reorder")
-    assert list(reorder[0]) == ["swaps", "trial", "kendall_tau", "error"] and len(reorder) == 9
+    assert (
+        own_columns(reorder[0]) == ["swaps", "trial", "kendall_tau", "error", "baseline"]
+        and len(reorder) == 9
+    )
     for r in reorder:
         tau = float(r["kendall_tau"])
         assert (tau == 1.0) == (r["swaps"] == "0")

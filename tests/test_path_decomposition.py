@@ -7,14 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from src.analysis.gradient_paths import gated_grad
-from src.analysis.path_decomposition import (
+from src.engines.decomposition import (
     decompose,
     enumerate_paths,
     interpolate,
     propagate,
     scaled_grad,
 )
+from src.engines.paths import gated_grad
 from src.errors import ConfigError
 from src.models import Plan
 from src.models.preact_resnet import preact_resnet_cifar

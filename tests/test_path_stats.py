@@ -11,7 +11,6 @@ from math import comb
 import pytest
 from scipy import stats
 
-from src.analysis.io import read_csv
 from src.analysis.path_stats import (
     fraction_remaining,
     length_counts,
@@ -23,7 +22,8 @@ from src.analysis.path_stats import (
     training_length_counts,
 )
 from src.errors import ConfigError
-from tests.conftest import run_cli
+from src.results import read_csv
+from tests.conftest import own_columns, run_cli
 from tests.plots import colour_pixels
 
 
@@ -90,7 +90,7 @@ def test_bad_input_raises(tmp_path, bad):
 def check_path_lengths(out, n: int, k: int, share: float) -> None:
     """path_lengths.{csv,png} and its summary: n blocks, k trained per mini-batch, window share."""
     rows = read_csv(out / "path_lengths.csv")
-    assert list(rows[0]) == ["length", "count", "fraction"]
+    assert own_columns(rows[0]) == ["length", "count", "count_float", "fraction"]
     assert [int(r["count"]) for r in rows] == [comb(n, x) for x in range(n + 1)]
     assert [float(r["fraction"]) for r in rows] == pytest.approx(
         [comb(n, x) / 2**n for x in range(n + 1)]
@@ -110,7 +110,7 @@ def test_tasks_write_csvs(tmp_path):
     check_path_lengths(tmp_path / "analysis", 12, 5, 0.9)
     remaining_paths(str(tmp_path), n_blocks=12, deleted=[0, 3])
     rows = read_csv(tmp_path / "analysis" / "remaining_paths.csv")
-    assert len(rows) == 26 and list(rows[0]) == ["deleted", "length", "fraction_remaining"]
+    assert len(rows) == 26 and own_columns(rows[0]) == ["deleted", "length", "fraction_remaining"]
     by = {(int(r["deleted"]), int(r["length"])): float(r["fraction_remaining"]) for r in rows}
     assert by[(0, 7)] == 1.0 and by[(3, 10)] == 0.0 and by[(3, 2)] == comb(9, 2) / comb(12, 2)
     colours = {"delete 0": "C0", "delete 3": "C1", "a third curve": "C2"}

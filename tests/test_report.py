@@ -1,17 +1,23 @@
-"""`python -m src.report <multirun dir>`: seeds are combined into mean ± t-based 95% CI bands,
-other swept overrides become separate curves, absent analyses are skipped."""
+"""The results layer and the sweep aggregator: tables written by `results.record` load back typed
+from a folder of any shape; `python -m src.report` combines seeds into mean ± t-based 95% CI,
+makes every other swept override a curve of its own, skips absent analyses, and compares the arms
+of a Sec. 5 sweep with scipy.stats."""
 
 from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
+import pandas as pd
 import pytest
 import yaml
 from scipy import stats
 
 from src import report as rep
-from src.analysis.io import write_csv
+from src import results
+from src.errors import ConfigError
 from tests.conftest import run_cli
 from tests.plots import colour_pixels
 
@@ -19,103 +25,205 @@ SEEDS = (0, 1, 2)
 MODELS = ("resnet110", "vgg15")
 
 
+def fake_run(job, overrides: list[str], metrics: dict, tables: dict[str, list[dict]]):
+    """A run directory as src.run and the analysis callbacks leave it."""
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (job / "metrics.json").write_text(json.dumps(metrics))
+    meta = {k: metrics.get(k) for k in ("model", "training", "n_blocks", "k", "seed", "run_id")}
+    for study, rows in tables.items():
+        results.write_table(job / "analysis" / study, results.tidy(study, rows, meta))
+
+
 def fake_sweep(root):
-    """A multirun dir as Hydra + the analysis callbacks leave it: 2 models x 3 seeds."""
+    """A multirun dir: 2 models x 3 seeds, gradient paths measured for one model only."""
     num = 0
     for model in MODELS:
         for seed in SEEDS:
-            job = root / str(num)
-            num += 1
-            (job / ".hydra").mkdir(parents=True)
-            (job / ".hydra" / "overrides.yaml").write_text(
-                yaml.safe_dump(["experiment=delete_many", f"model={model}", f"seed={seed}"])
-            )
             base = 0.06 + 0.01 * seed + (0.3 if model == "vgg15" else 0.0)
-            (job / "metrics.json").write_text(json.dumps({"test_error": base, "global_step": 9}))
-            rows = [
-                {"k": k, "trial": t, "deleted": "0", "error": base + 0.1 * k + 0.01 * t}
-                for k in (0, 1, 2)
-                for t in (0, 1)
-            ]
-            write_csv(
-                job / "analysis" / "delete_many.csv", rows, ["k", "trial", "deleted", "error"]
-            )
-            single = [
-                {"block": b, "stage": 0, "downsampling": b == 1, "error": base + 0.02}
-                for b in range(3)
-            ]
-            cols = ["block", "stage", "downsampling", "error"]
-            write_csv(job / "analysis" / "delete_single.csv", single, cols)
-            if model == "resnet110":  # gradient paths for one model only
-                grad = [
+            tables = {
+                "delete_many": [
+                    {"k": k, "trial": t, "deleted": "0", "error": base + 0.1 * k + 0.01 * t}
+                    for k in (0, 1, 2)
+                    for t in (0, 1)
+                ],
+                "delete_single": [
+                    {"block": b, "stage": 0, "downsampling": b == 1, "error": base + 0.02}
+                    for b in range(3)
+                ],
+            }
+            for rows in tables.values():
+                for r in rows:
+                    r["baseline"] = base
+            if model == "resnet110":
+                tables["gradient_paths"] = [
                     {"length": n, "samples": 4, "grad_norm_mean": 0.5**n, "grad_norm_std": 0.0}
                     for n in range(1, 5)
                 ]
-                cols = ["length", "samples", "grad_norm_mean", "grad_norm_std"]
-                write_csv(job / "analysis" / "gradient_paths.csv", grad, cols)
-    (root / "multirun.yaml").write_text("{}\n")
+            metrics = {"test_error": base, "global_step": 9, "model": model, "seed": seed}
+            metrics |= {"training": "standard", "n_blocks": 3, "k": 3, "run_id": f"r{num}"}
+            overrides = ["experiment=delete_many", f"model={model}", f"seed={seed}"]
+            fake_run(root / str(num), overrides, metrics, tables)
+            num += 1
     return root
 
 
-def test_mean_ci_is_t_based():
-    mean, half = rep.mean_ci([1.0, 2.0, 3.0])
-    assert mean == 2.0
-    assert half == pytest.approx(stats.t.ppf(0.975, 2) * 1.0 / math.sqrt(3))
-    assert math.isnan(rep.mean_ci([4.0])[1])
+def test_tables_load_typed_from_any_shape(tmp_path):
+    """One call reads a single run, a sweep, or a tree of sweeps (Slurm arrays, DDP jobs: only
+    rank 0 writes), with typed columns: booleans stay booleans, seeds integers."""
+    sweep = fake_sweep(tmp_path / "outputs" / "delete_many" / "multirun_x")
+    one = results.load(sweep / "4")
+    assert set(one.study) == {"delete_many", "delete_single"} and set(one.run_dir) == {"."}
+    df = results.load(sweep)
+    assert len(df) == 6 * (6 + 3) + 3 * 4  # every row of every table of every job
+    assert str(df.downsampling.dtype) == "boolean"
+    assert df.loc[df.study == "delete_single", "downsampling"].sum() == 6  # block 1 of 6 runs
+    assert str(df.seed.dtype) == "Int64" and df.error.dtype == float
+    assert list(df.columns[: len(results.META) + 1]) == ["run_dir", *results.META]
+    # job 10 sorts after job 2; the model column comes from the run, not from the path
+    assert df.groupby("model").run_dir.nunique().to_dict() == {"resnet110": 3, "vgg15": 3}
+    tree = results.load(tmp_path / "outputs", study="delete_many")
+    assert len(tree) == 36 and set(tree.study) == {"delete_many"}
+    assert tree.run_dir.iloc[0] == "delete_many/multirun_x/0"
+    # the CSV beside each Parquet file holds the same rows
+    csv = pd.read_csv(sweep / "0" / "analysis" / "delete_many.csv")
+    pq = pd.read_parquet(sweep / "0" / "analysis" / "delete_many.parquet")
+    assert csv.error.tolist() == pq.error.tolist() and list(csv.columns) == list(pq.columns)
+    runs = results.runs(sweep)
+    assert len(runs) == 6 and runs.overrides[0] == {
+        "experiment": "delete_many",
+        "model": "resnet110",
+        "seed": "0",
+    }
 
 
-def test_curves_average_trials_then_seeds(tmp_path):
-    jobs = rep.load_jobs(fake_sweep(tmp_path / "sweep"))
-    swept = rep.swept_keys(jobs)
-    assert swept == ["model"]  # seed is a replicate, experiment is constant
-    data = rep.curves(jobs, swept, rep.ANALYSES[1])  # delete_many
-    assert set(data) == {"model=resnet110", "model=vgg15"}
-    d = data["model=resnet110"]
-    assert d["x"] == [0.0, 1.0, 2.0] and d["n"] == [3, 3, 3]
+def test_curve_averages_trials_then_seeds(tmp_path):
+    df = results.load(fake_sweep(tmp_path / "sweep"), study="delete_many")
+    from src.stats import curve, mean_ci
+
+    c = curve(df, "k", "error", by=["model"])
+    r = c[c.model == "resnet110"]
+    assert r.k.tolist() == [0, 1, 2] and r.n.tolist() == [3, 3, 3]
     # per seed: mean over trials = base + 0.1k + 0.005; over seeds base = 0.06 + 0.01 * mean(seed)
-    assert d["mean"][2] == pytest.approx(0.07 + 0.2 + 0.005)
-    assert d["ci"][2] == pytest.approx(stats.t.ppf(0.975, 2) * 0.01 / math.sqrt(3))
+    assert r["mean"].iloc[2] == pytest.approx(0.07 + 0.2 + 0.005)
+    assert r.ci.iloc[2] == pytest.approx(stats.t.ppf(0.975, 2) * 0.01 / math.sqrt(3))
+    mean, half = mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(stats.t.ppf(0.975, 2) / math.sqrt(3))
+    assert math.isnan(mean_ci([4.0])[1])
 
 
-def test_plot_draws_a_band_per_curve(tmp_path, monkeypatch):
-    jobs = rep.load_jobs(fake_sweep(tmp_path / "sweep"))
-    data = rep.curves(jobs, ["model"], rep.ANALYSES[1])
-    figures = []
-    monkeypatch.setattr(rep, "save_figure", lambda fig, path: figures.append(fig) or path)
-    rep.plot(rep.ANALYSES[1], data, tmp_path)
-    [ax] = figures[0].axes
-    assert len(ax.lines) == 2 and len(ax.collections) == 2  # a line and a filled CI band each
-
-
-@pytest.mark.slow
-def test_report_cli_writes_figures_and_summary(tmp_path):
+def test_report_writes_figures_and_summary(tmp_path):
     sweep = fake_sweep(tmp_path / "sweep")
-    run_cli(str(sweep), module="src.report", timeout=300)
+    rep.report(sweep)
     out = sweep / "report"
     assert {p.name for p in out.iterdir()} == {
         "report.md",
+        "tables.parquet",
         "delete_many.png",
         "delete_single.png",
-        "gradient_paths.png",  # reorder.csv is absent: no figure, no section
+        "gradient_paths.png",  # no reorder table: no figure, no section
     }
-    # a curve (and its CI band) per model; gradient paths were measured for resnet110 only
+    assert len(pd.read_parquet(out / "tables.parquet")) == len(results.load(sweep))
+    # a curve per model; gradient paths were measured for resnet110 only
+    sizes = {"delete_many": (5.5, 3.6), "delete_single": (7, 3.6), "gradient_paths": (5, 3.5)}
+    curves = {"resnet110": "C0", "vgg15": "C1", "band": ("C0", 0.25)}
     for name, models in (("delete_many", 2), ("delete_single", 2), ("gradient_paths", 1)):
-        curves = {"resnet110": "C0", "vgg15": "C1", "band": ("C0", 0.25)}
-        px = colour_pixels(out / f"{name}.png", (5, 3.5), curves)
+        px = colour_pixels(out / f"{name}.png", sizes[name], curves)
         assert px["resnet110"] > 100 and (px["vgg15"] > 100) == (models == 2), (name, px)
-    assert colour_pixels(out / "delete_many.png", (5, 3.5), curves)["band"] > 1000  # 3 seeds
+    assert colour_pixels(out / "delete_many.png", sizes["delete_many"], curves)["band"] > 1000
     md = (out / "report.md").read_text()
-    assert "6 finished jobs" in md and "swept: model" in md
+    assert "6 finished runs" in md and "groups: model=resnet110, model=vgg15" in md
     assert "**Paper:**" in md and "Fig. 5b" not in md
     # test error of resnet110 over seeds 0..2: 7.00% ± t(0.975, 2) * 1% / sqrt(3)
     half = stats.t.ppf(0.975, 2) * 1.0 / math.sqrt(3)
     assert f"| model=resnet110 | 3 | 7.00% ± {half:.2f} pp | 6.00% | 8.00% |" in md
     # delete_single: non-downsampling blocks are 2 pp above each job's own baseline
     assert "(non-downsampling blocks): 2.00% ± 0.00 pp" in md
-    # gradient norm halves per block of path length
-    assert "factor 0.500 per block" in md
+    assert "factor 0.500 per block" in md  # gradient norm halves per block of path length
+    assert "Sec. 5" not in md  # no block-subset runs
 
 
-def test_report_rejects_a_dir_without_jobs(tmp_path):
-    with pytest.raises(SystemExit, match="no job with metrics.json"):
-        rep.main([str(tmp_path)])
+def test_report_cli_and_bad_input(tmp_path):
+    sweep = fake_sweep(tmp_path / "sweep")
+    run_cli(str(sweep), "--out", str(tmp_path / "elsewhere"), module="src.report", timeout=300)
+    assert (tmp_path / "elsewhere" / "report.md").is_file() and not (sweep / "report").exists()
+    (tmp_path / "empty").mkdir()
+    for bad in (tmp_path / "empty", tmp_path / "missing"):
+        res = subprocess.run(
+            [sys.executable, "-m", "src.report", str(bad)], capture_output=True, text=True
+        )
+        assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+        assert res.stderr.startswith("error: ") and "outputs/" in res.stderr
+
+
+def arms_sweep(root, errors: dict[str, list[float]], k_full: bool = False):
+    """A Sec. 5 multirun: one job per (arm, seed), as metrics.json records it."""
+    job = 0
+    for arm, errs in errors.items():
+        for seed, err in enumerate(errs):
+            training, k = ("block_subset", 4) if arm == "subset" else ("standard", 9)
+            if arm == "full" and k_full:
+                training = "block_subset"  # k = n: every block every step
+            metrics = {"test_error": err, "global_step": 400, "training": training, "k": k}
+            metrics |= {"n_blocks": 9, "seed": seed, "model": "resnet20"}
+            fake_run(root / str(job), [f"training={training}", f"seed={seed}"], metrics, {})
+            job += 1
+    return root
+
+
+@pytest.mark.parametrize("k_full", [False, True])
+def test_effective_paths_compares_arms(tmp_path, k_full):
+    sub, full = [0.10, 0.12, 0.11, 0.13], [0.08, 0.09, 0.085, 0.095]
+    arms_sweep(tmp_path, {"subset": sub, "full": full}, k_full)
+    rep.report(tmp_path)
+    out = tmp_path / "report"
+    res = json.loads((out / "effective_paths.json").read_text())
+    assert sorted(res["arms"]) == ["full", "k=4/9"]
+    assert res["welch_t"]["p_value"] == pytest.approx(
+        stats.ttest_ind(sub, full, equal_var=False).pvalue
+    )
+    assert res["paired_t"]["p_value"] == pytest.approx(stats.ttest_rel(sub, full).pvalue)
+    assert res["wilcoxon"]["p_value"] == pytest.approx(stats.wilcoxon(sub, full).pvalue)
+    assert res["difference_subset_minus_full"] == pytest.approx(sum(sub) / 4 - sum(full) / 4)
+    assert res["significant"] and res["same_step_budget"]
+    assert sorted((r["arm"], r["seed"], r["test_error"]) for r in res["runs"]) == sorted(
+        [("k=4/9", s, e) for s, e in enumerate(sub)] + [("full", s, e) for s, e in enumerate(full)]
+    )
+    md = (out / "effective_paths.md").read_text()
+    assert f"| k=4/9 | 4 | {sum(sub) / 4:.4f} | {stats.tstd(sub):.4f} |" in md
+    assert f"| full | 4 | {sum(full) / 4:.4f} | {stats.tstd(full):.4f} |" in md
+    for r in res["runs"]:  # one row per job
+        assert f"| {r['run_dir']} | {r['arm']} | {r['seed']} | {r['test_error']:.4f} |" in md
+    assert "## Sec. 5" in (out / "report.md").read_text()
+    dots = {"subset": ("C0", 0.6), "full": ("C1", 0.6)}
+    px = colour_pixels(out / "effective_paths.png", (4, 3.2), dots)
+    assert px["subset"] > 50 and px["full"] > 50
+
+
+def test_effective_paths_needs_two_arms_and_seeds(tmp_path):
+    arms_sweep(tmp_path / "same", {"subset": [0.1, 0.2, 0.15], "full": [0.2, 0.1, 0.15]})
+    rep.report(tmp_path / "same")
+    res = json.loads((tmp_path / "same" / "report" / "effective_paths.json").read_text())
+    assert not res["significant"] and res["arms"]["full"]["runs"] == 3
+    arms_sweep(tmp_path / "few", {"subset": [0.1], "full": [0.2]})
+    md = rep.report(tmp_path / "few").read_text()
+    assert "Not compared: need at least 2 seeds per arm" in md
+    with pytest.raises(ConfigError, match="alpha"):
+        rep.report(tmp_path / "few", alpha=1.5)
+
+
+def test_figures_leave_the_matplotlib_backend_alone():
+    """Importing and drawing changes no global matplotlib state (a notebook keeps its backend)."""
+    code = (
+        "import matplotlib, sys; before = matplotlib.rcParams._get_backend_or_none(); "
+        "import src.figures, src.report, src.analysis.delete_single, src.analysis.path_stats; "
+        "import pandas as pd; "
+        "t = pd.DataFrame({'block': [0, 1], 'downsampling': [False, True], 'error': [0.1, 0.5], "
+        "'baseline': [0.05, 0.05]}); src.figures.delete_single(t); "
+        "assert matplotlib.rcParams._get_backend_or_none() == before, before; "
+        "print(before)"
+    )
+    env = {"MPLBACKEND": "svg", "PATH": ""}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "svg"

@@ -6,32 +6,29 @@ from __future__ import annotations
 import json
 
 import lightning as L
-import matplotlib
 import pytest
+from matplotlib.figure import Figure
 
-from src.analysis.io import AnalysisCallback, log_to_wandb, save_figure, write_csv
+from src.analysis.base import AnalysisCallback
+from src.results import META
 from src.rundir import wandb_id
 from tests.conftest import run_cli
-
-matplotlib.use("Agg")
 
 COLUMNS = ["tensor", "norm"]
 
 
 class MediaProbe(AnalysisCallback):
-    """A stand-in analysis that reports like the real ones: CSV + PNG, and table + image to W&B."""
+    """A stand-in analysis that records like the real ones: its tidy table and figure, to files
+    and to W&B."""
+
+    name = "probe"
 
     def analyse(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        import matplotlib.pyplot as plt
-
         params = list(pl_module.net.parameters())[:4]
         rows = [{"tensor": i, "norm": float(p.detach().norm())} for i, p in enumerate(params)]
-        out = self.analysis_dir(trainer)
-        write_csv(out / "probe.csv", rows, COLUMNS)
-        fig, ax = plt.subplots()
-        ax.plot([r["norm"] for r in rows])
-        png = save_figure(fig, out / "probe.png")
-        log_to_wandb(trainer, "probe", rows, COLUMNS, image=png)
+        fig = Figure()
+        fig.subplots().plot([r["norm"] for r in rows])
+        self.record(trainer, pl_module, rows, figure=fig)
 
 
 def test_wandb_id_is_created_once_and_kept(tmp_path):
@@ -60,7 +57,10 @@ def test_offline_run_holds_media_and_resume_continues_the_run(tmp_path):
     images = list((first / "files" / "media" / "images").rglob("*.png"))
     assert len(tables) == 1 and len(images) == 1
     table = json.loads(tables[0].read_text())
-    assert table["columns"] == COLUMNS and len(table["data"]) == 4
+    assert table["columns"] == [*META, *COLUMNS] and len(table["data"]) == 4
+    first_row = dict(zip(table["columns"], table["data"][0]))
+    assert first_row["run_id"] == run_id and first_row["model"] == "resnet20"
+    assert first_row["study"] == "probe" and first_row["tensor"] == 0
 
     # the job is resumed (as a requeued Slurm job would be): same W&B run id, training continues
     run_cli(*common, "trainer.max_steps=20", "resume=true")

@@ -19,7 +19,9 @@ from fractions import Fraction
 from math import comb
 from pathlib import Path
 
-from src.analysis.io import save_figure, update_json, write_csv
+import pandas as pd
+
+from src import figures, results
 from src.errors import ConfigError
 
 
@@ -104,8 +106,6 @@ def path_lengths(output_dir: str, n_blocks: int = 54, share: float = 0.95, k: in
         {"length": x, "count": c, "fraction": float(Fraction(c, 2**n))}
         for x, c in enumerate(counts)
     ]
-    out = Path(output_dir) / "analysis"
-    write_csv(out / "path_lengths.csv", rows, ["length", "count", "fraction"])
     lo, hi = shortest_window(counts, share)
     summary = {
         "n_blocks": n,
@@ -117,31 +117,21 @@ def path_lengths(output_dir: str, n_blocks: int = 54, share: float = 0.95, k: in
         "central_window_actual_share": float(share_between(n, lo, hi)),
     }
     if k is not None:
-        train = training_length_counts(n, k)
+        training_length_counts(n, k)  # checks k
         summary["trained_k"] = int(k)
         summary["trained_mean_length"] = k / 2
-    update_json(out / "summary.json", {"path_lengths": summary})
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.bar(range(n + 1), [r["fraction"] for r in rows], color="tab:blue", label=f"all {n} blocks")
-    if k is not None:
-        ax.plot(
-            range(n + 1),
-            [c / 2**k for c in train],
-            "o-",
-            ms=2,
-            color="tab:orange",
-            label=f"trained per batch (k={k})",
-        )
-    ax.axvspan(lo - 0.5, hi + 0.5, color="grey", alpha=0.15, label=f"{share:.0%} of paths")
-    ax.set(xlabel="path length (blocks)", ylabel="fraction of paths", title="Fig 6a")
-    ax.legend(fontsize=7)
-    save_figure(fig, out / "path_lengths.png")
+    # counts reach 2^54: exact as text in the table, and a float beside it
+    table = pd.DataFrame(rows).astype({"count": "string"})
+    table.insert(2, "count_float", [float(c) for c in counts])
+    fig = figures.path_lengths(table, (lo, hi), share, k)
+    meta = {"n_blocks": n, "k": k}
+    results.record(
+        Path(output_dir) / "analysis",
+        "path_lengths",
+        results.tidy("path_lengths", table, meta),
+        summary,
+        fig,
+    )
     return summary
 
 
@@ -156,32 +146,19 @@ def remaining_paths(output_dir: str, n_blocks: int = 54, deleted: Sequence[int] 
         for d in ds
         for x in range(n + 1)
     ]
-    out = Path(output_dir) / "analysis"
-    write_csv(out / "remaining_paths.csv", rows, ["deleted", "length", "fraction_remaining"])
-    update_json(
-        out / "summary.json",
-        {
-            "remaining_paths": {
-                "n_blocks": n,
-                "deleted": ds,
-                "all_paths_remaining": {str(d): float(Fraction(2 ** (n - d), 2**n)) for d in ds},
-            }
-        },
+    summary = {
+        "n_blocks": n,
+        "deleted": ds,
+        "all_paths_remaining": {str(d): float(Fraction(2 ** (n - d), 2**n)) for d in ds},
+    }
+    table = pd.DataFrame(rows)
+    results.record(
+        Path(output_dir) / "analysis",
+        "remaining_paths",
+        results.tidy("remaining_paths", table, {"n_blocks": n}),
+        summary,
+        figures.remaining_paths(table),
     )
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for d in ds:
-        xs = [r["length"] for r in rows if r["deleted"] == d]
-        ys = [r["fraction_remaining"] for r in rows if r["deleted"] == d]
-        ax.plot(xs, ys, label=f"delete {d}")
-    ax.set(xlabel="path length (blocks)", ylabel="fraction of paths remaining", title="Fig 7")
-    ax.legend(fontsize=7)
-    save_figure(fig, out / "remaining_paths.png")
     return rows
 
 

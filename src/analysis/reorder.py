@@ -4,25 +4,27 @@ between the trained and the executed block order falls.
 For each k in `swaps`, `trials` times: k distinct random pairs of shape-compatible blocks (same
 stage, downsampling blocks excluded, as in the paper) swap their positions one after another.
 Writes `analysis/reorder.csv` (swaps,trial,kendall_tau,error), the `reorder` entry of
-`summary.json` (mean tau and error per k) and `reorder.png` (error vs tau).
+`summary.json` (mean tau and error per k) and `reorder.png` (error vs tau). The table
+`analysis/reorder.{parquet,csv}` has the run's metadata columns, then
+swaps,trial,kendall_tau,error,baseline.
 """
 
 from __future__ import annotations
 
 import itertools
 import random
-import statistics
 from collections.abc import Sequence
 
 import lightning as L
+import pandas as pd
 from scipy.stats import kendalltau
 
-from src.analysis.io import log_to_wandb, save_figure, update_json, write_csv
-from src.analysis.lesion import LesionStudy, lesion_plan
+from src import figures
+from src.analysis.base import LesionStudy
+from src.engines.lesion import lesion_plan
 from src.errors import ConfigError
 from src.models.network import Network
-
-COLUMNS = ("swaps", "trial", "kendall_tau", "error")
+from src.stats import per_k
 
 
 def compatible_pairs(net: Network) -> list[tuple[int, int]]:
@@ -92,53 +94,17 @@ class Reorder(LesionStudy):
                 samples.append((k, t, order, tau(order, reference)))
         plans = [lesion_plan(base, order=order) for _, _, order, _ in samples]
         baseline, errors = self.evaluate(trainer, pl_module, plans)
-        rows = [
-            {"swaps": k, "trial": t, "kendall_tau": tk, "error": e}
-            for (k, t, _, tk), e in zip(samples, errors)
-        ]
-        out = self.analysis_dir(trainer)
-        write_csv(out / "reorder.csv", rows, COLUMNS)
+        rows = pd.DataFrame(
+            [
+                {"swaps": k, "trial": t, "kendall_tau": tk, "error": e}
+                for (k, t, _, tk), e in zip(samples, errors)
+            ]
+        )
+        rows["baseline"] = baseline
         summary = {
-            "per_swaps": {
-                str(k): {
-                    "mean_kendall_tau": statistics.fmean(r["kendall_tau"] for r in group),
-                    "mean_error": statistics.fmean(r["error"] for r in group),
-                    "max_error": max(r["error"] for r in group),
-                }
-                for k in self.swaps
-                for group in [[r for r in rows if r["swaps"] == k]]
-            },
+            "baseline_error": baseline,
+            "per_swaps": per_k(rows, "swaps"),
             "trials": self.trials,
             "label": self.run_label(pl_module),
         }
-        update_json(out / "summary.json", {"baseline_error": baseline, "reorder": summary})
-        png = save_figure(plot(rows, baseline, summary["label"]), out / "reorder.png")
-        log_to_wandb(trainer, "reorder", rows, COLUMNS, image=png)
-
-
-def plot(rows: list[dict], baseline: float, label: str):
-    """Error vs Kendall tau of the block order (Fig. 5b), one dot per trial."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    sc = ax.scatter(
-        [r["kendall_tau"] for r in rows],
-        [r["error"] for r in rows],
-        c=[r["swaps"] for r in rows],
-        s=12,
-        cmap="viridis",
-        label=label,
-    )
-    fig.colorbar(sc, ax=ax, label="swaps")
-    ax.axhline(baseline, color="k", ls="--", lw=1, label="unlesioned")
-    ax.set_xlabel("Kendall tau of the block order")
-    ax.set_ylabel("test error")
-    ax.set_ylim(0, 1)
-    ax.invert_xaxis()
-    ax.set_title("Reordering blocks (Veit et al. Fig. 5b)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    return fig
+        self.record(trainer, pl_module, rows, summary, figures.reorder)

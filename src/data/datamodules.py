@@ -36,19 +36,29 @@ def _unrepeated_sampler(dataset) -> DistributedSampler | None:
 
 
 def batches(
-    datamodule: L.LightningDataModule, split: str = "test", device="cpu", train: bool = False
+    datamodule: L.LightningDataModule,
+    split: str = "test",
+    device="cpu",
+    train: bool = False,
+    seed: int | None = None,
 ):
     """Yield ready (x, y) batches of a split outside the Trainer loop (for analyses): moved to
     `device` and passed through the data module's batch transform (augmentation iff `train`).
-    The whole split, also under DDP: a rank-sharded evaluation loader is read unsharded."""
+    The whole split, also under DDP: a rank-sharded evaluation loader is read unsharded.
+    `seed`: the split in an order drawn from this seed alone (an analysis's own seed decides which
+    examples it sees first), else in the split loader's own order."""
     if hasattr(datamodule, "setup"):
         datamodule.setup("test")
     loader = getattr(datamodule, f"{split}_dataloader")()
-    if isinstance(loader.sampler, DistributedSampler):
+    if seed is not None or isinstance(loader.sampler, DistributedSampler):
+        order = None
+        if seed is not None:
+            gen = torch.Generator().manual_seed(int(seed))
+            order = torch.randperm(len(loader.dataset), generator=gen).tolist()
         loader = DataLoader(
             loader.dataset,
             batch_size=loader.batch_size,
-            shuffle=False,
+            sampler=order,
             num_workers=loader.num_workers,
         )
     for x, y in loader:

@@ -15,12 +15,10 @@ import contextlib
 import dataclasses
 from collections.abc import Iterable, Iterator, Sequence
 
-import lightning as L
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor
 
-from src.analysis.io import AnalysisCallback
 from src.errors import ConfigError
 from src.models.network import FULL, Network, Plan
 
@@ -169,73 +167,3 @@ def lesion_errors(
         raise ConfigError("the test split is empty: nothing to evaluate lesions on")
     errors = (wrong.double() / total).tolist()
     return errors[0], errors[1:]
-
-
-class LesionStudy(AnalysisCallback):
-    """Base of the lesion callbacks: evaluates plans on the trained network's test split.
-
-    reuse:      True: the exact reusing engine; False: a fresh forward per lesion (reference).
-    device:     where the sweep runs (None: where the network is after testing).
-    batch_size: test examples per engine batch (None: the data module's eval batch size).
-    progress:   show a progress bar over lesions.
-    label:      how this run is named in plots that overlay several runs.
-    """
-
-    name = "lesion"
-
-    def __init__(
-        self,
-        reuse: bool = True,
-        device: str | None = None,
-        batch_size: int | None = None,
-        progress: bool = True,
-        label: str | None = None,
-    ):
-        if batch_size is not None and int(batch_size) < 1:
-            raise ConfigError(f"{self.name}.batch_size must be positive, got {batch_size}")
-        self.reuse, self.device, self.progress, self.label = bool(reuse), device, progress, label
-        self.batch_size = None if batch_size is None else int(batch_size)
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Check the study's arguments against the network (and the device) before anything is
-        trained: Lightning runs `setup` before fit, and before test on a loaded checkpoint."""
-        self.check_device()
-        self.check(pl_module.net)
-
-    def check(self, net: Network) -> None:
-        """Raise ConfigError when the study cannot apply to `net`."""
-
-    def check_device(self) -> None:
-        if self.device is None:
-            return
-        try:
-            torch.empty(0, device=self.device)
-        except Exception as err:  # unknown name, no such device, torch built without it
-            reason = " ".join(str(err).split()).split(". ")[0][:100]  # its first sentence
-            raise ConfigError(
-                f"{self.name}.device={self.device!r} is not available here ({reason}): use "
-                "device=null (where the network is) or cpu"
-            ) from None
-
-    def evaluate(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, plans: Sequence[Plan]
-    ) -> tuple[float, list[float]]:
-        """(baseline error, error per plan) on the test split; plans are built on eval_plan."""
-        from src.data import batches
-
-        device = self.device or pl_module.device
-        return lesion_errors(
-            pl_module.net,
-            plans,
-            batches(trainer.datamodule, "test", device=device),
-            base=pl_module.eval_plan,
-            reuse=self.reuse,
-            device=device,
-            batch_size=self.batch_size,
-            progress=self.progress,
-            description=self.name,
-        )
-
-    def run_label(self, pl_module: L.LightningModule) -> str:
-        net = pl_module.net
-        return self.label or f"{type(net.blocks[0]).__name__} ({net.n_blocks} blocks)"

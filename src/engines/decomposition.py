@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from src.analysis.gradient_paths import (
+from src.engines.paths import (
     BlockVJPs,
     gated_grad,
     gradient_plan,

@@ -1,0 +1,150 @@
+"""What every post-training analysis callback shares: when it runs, where it writes, and the
+run's metadata that goes into its table (src/results.py). The measuring itself is an engine's
+(src/engines/); a callback builds plans, calls the engine, and records the table."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import pandas as pd
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from src import results
+from src.errors import ConfigError
+from src.models.network import Network, Plan
+
+
+def run_meta(trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+    """The run's metadata columns: what `src.run` recorded as the run's facts (model, data,
+    training, seed, ...), the network's n_blocks and k, and the run id (the W&B run id)."""
+    from src.rundir import wandb_id
+
+    net = pl_module.net
+    facts = dict(getattr(pl_module, "facts", None) or {})
+    facts.setdefault("n_blocks", net.n_blocks)
+    mode = getattr(pl_module, "mode", None)
+    if mode is not None:
+        facts.setdefault("k", mode.blocks_per_step(net.n_blocks))
+    facts["run_id"] = wandb_id(trainer.default_root_dir)
+    return facts
+
+
+class AnalysisCallback(Callback):
+    """Base of the post-training measurements: runs once testing ends (after fit, or on a loaded
+    checkpoint with `train=false`) and writes into `<run dir>/analysis/`.
+
+    Under DDP the analysis runs on global rank 0 only, as plain PyTorch on `pl_module.net` (no
+    collective calls), so its results equal a single-process run; the other ranks wait.
+    Lightning calls `on_test_end` under inference mode; the analysis runs outside it, so that a
+    study that moves the network (`net.to(device)`) leaves ordinary parameters behind, not
+    inference tensors that a later analysis could not differentiate through.
+    """
+
+    name = "analysis"
+
+    def analysis_dir(self, trainer: L.Trainer) -> Path:
+        return Path(trainer.default_root_dir) / "analysis"
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            with torch.inference_mode(False):
+                self.analyse(trainer, pl_module)
+        trainer.strategy.barrier("analysis")
+
+    def analyse(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        raise NotImplementedError
+
+    def record(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        rows,
+        summary: dict | None = None,
+        figure=None,
+        study: str | None = None,
+    ) -> pd.DataFrame:
+        """The rows as this run's tidy table, written with summary and figure (src/results.py)."""
+        study = study or self.name
+        table = results.tidy(study, rows, run_meta(trainer, pl_module))
+        fig = figure(table.assign(label=self.run_label(pl_module))) if callable(figure) else figure
+        out = self.analysis_dir(trainer)
+        if summary is not None and "baseline_error" in summary:  # the run's unlesioned error
+            results.update_json(out / "summary.json", {"baseline_error": summary["baseline_error"]})
+        return results.record(out, study, table, summary, fig, trainer.loggers)
+
+    def run_label(self, pl_module: L.LightningModule) -> str:
+        net = pl_module.net
+        return (
+            getattr(self, "label", None)
+            or f"{type(net.blocks[0]).__name__} ({net.n_blocks} blocks)"
+        )
+
+
+class LesionStudy(AnalysisCallback):
+    """Base of the lesion callbacks: evaluates plans on the trained network's test split.
+
+    reuse:      True: the exact reusing engine; False: a fresh forward per lesion (reference).
+    device:     where the sweep runs (None: where the network is after testing).
+    batch_size: test examples per engine batch (None: the data module's eval batch size).
+    progress:   show a progress bar over lesions.
+    label:      how this run is named in plots that overlay several runs.
+    """
+
+    name = "lesion"
+
+    def __init__(
+        self,
+        reuse: bool = True,
+        device: str | None = None,
+        batch_size: int | None = None,
+        progress: bool = True,
+        label: str | None = None,
+    ):
+        if batch_size is not None and int(batch_size) < 1:
+            raise ConfigError(f"{self.name}.batch_size must be positive, got {batch_size}")
+        self.reuse, self.device, self.progress, self.label = bool(reuse), device, progress, label
+        self.batch_size = None if batch_size is None else int(batch_size)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Check the study's arguments against the network (and the device) before anything is
+        trained: Lightning runs `setup` before fit, and before test on a loaded checkpoint."""
+        self.check_device()
+        self.check(pl_module.net)
+
+    def check(self, net: Network) -> None:
+        """Raise ConfigError when the study cannot apply to `net`."""
+
+    def check_device(self) -> None:
+        if self.device is None:
+            return
+        try:
+            torch.empty(0, device=self.device)
+        except Exception as err:  # unknown name, no such device, torch built without it
+            reason = " ".join(str(err).split()).split(". ")[0][:100]  # its first sentence
+            raise ConfigError(
+                f"{self.name}.device={self.device!r} is not available here ({reason}): use "
+                "device=null (where the network is) or cpu"
+            ) from None
+
+    def evaluate(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, plans: Sequence[Plan]
+    ) -> tuple[float, list[float]]:
+        """(baseline error, error per plan) on the test split; plans are built on eval_plan."""
+        from src.data import batches
+        from src.engines.lesion import lesion_errors
+
+        device = self.device or pl_module.device
+        return lesion_errors(
+            pl_module.net,
+            plans,
+            batches(trainer.datamodule, "test", device=device),
+            base=pl_module.eval_plan,
+            reuse=self.reuse,
+            device=device,
+            batch_size=self.batch_size,
+            progress=self.progress,
+            description=self.name,
+        )

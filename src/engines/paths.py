@@ -1,0 +1,280 @@
+"""The gradient-path engine behind paper Sec. 5 (Figs 6b and 6c): the gradient of single paths.
+
+A path of length k enters the residual branch of k blocks and the shortcut of the other n-k. Its
+gradient is what backpropagation gives when every other branch is cut: `net(x,
+Plan(grad_path=path))` then backward (the *straightforward* method, one full forward and backward
+per sample). The *fast* engine shares one forward pass among all samples of a batch and walks the
+blocks backwards once for a whole stack of sampled paths: the cotangents of S paths are stacked
+along a new leading dimension and at block i the residual-branch VJP is applied (batched, with
+`is_grads_batched`) only to the samples whose path enters block i, the shortcut VJP to the rest
+(nothing at all for an identity shortcut). A sample then costs the residual branches it crosses.
+
+Every measurement runs the network that was tested: the trained network's eval plan (`plan`,
+e.g. `training.test_mode=rescale` scaling residual branches by k/n; None: the full network) with
+the backward-only gate on top, `Plan(grad_path=...)` composed with it as the lesion studies compose
+their deletions. A block the eval plan deletes has no residual branch for a path to enter.
+
+"Gradient at the input" is the gradient of the batch-mean cross-entropy w.r.t. the network input
+x (`wrt=input`, default: the stem is part of every path) or the stem output (`wrt=stem`); its norm
+is the Frobenius norm over the whole batch. BatchNorm runs in eval mode by default (the trained
+network's function; `bn=train` uses batch statistics, on a copy, so running stats are untouched).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from src.errors import ConfigError
+from src.models.network import FULL, Block, Network, Plan
+
+WRT = ("input", "stem")
+BN_MODES = ("eval", "train")
+
+
+def prepared(net: Network, bn: str = "eval", dtype: torch.dtype | None = None) -> Network:
+    """The network to measure: `net` itself in eval mode, or a copy (train-mode BN / another
+    dtype, e.g. float64)."""
+    if bn not in BN_MODES:
+        raise ConfigError(f"bn={bn!r}: choose 'eval' (running statistics) or 'train' (batch)")
+    if bn == "eval" and dtype in (None, next(net.parameters()).dtype):
+        return net.eval()
+    net = copy.deepcopy(net).train(bn == "train")
+    return net.to(dtype) if dtype is not None else net
+
+
+def gradient_plan(base: Plan | None, **gate) -> Plan:
+    """`base` (the trained network's eval plan, or the full network) with a backward-only gate
+    (`grad_path=...` or `grad_scale=...`) on top."""
+    base = FULL if base is None else base
+    training_only = (base.drop_prob, base.branch_scale, base.grad_path, base.grad_scale)
+    if any(v is not None for v in training_only):
+        raise ConfigError(
+            "gradient paths measure a fixed eval plan (order, deleted, residual_scale), not one "
+            "with drop_prob/branch_scale/grad_path/grad_scale: pass the network's test-time plan"
+        )
+    return dataclasses.replace(base, **gate)
+
+
+def check_residual(net: Network) -> None:
+    plain = [i for i, b in enumerate(net.blocks) if not b.has_shortcut]
+    if plain:
+        raise ConfigError(
+            f"gradient paths need residual blocks, but this {type(net.blocks[plain[0]]).__name__} "
+            f"network has {len(plain)} plain layers without a shortcut: use a ResNet "
+            "(e.g. model=resnet110)"
+        )
+
+
+def _vjp(out: Tensor, inp: Tensor, cotangents: list[Tensor], batched: bool) -> list[Tensor]:
+    """VJPs of `out` w.r.t. `inp`, one per cotangent: one vmapped backward (`batched`), or a loop.
+
+    On CPU the loop is faster (PyTorch's batched conv backward copies more than it saves); on an
+    accelerator, one wide kernel per block is what makes sampling cheap.
+    """
+    if not cotangents:
+        return []
+    if batched and len(cotangents) > 1:
+        grads = torch.autograd.grad(
+            out, inp, torch.stack(cotangents), retain_graph=True, is_grads_batched=True
+        )[0]
+        return list(grads.unbind(0))
+    return [torch.autograd.grad(out, inp, g, retain_graph=True)[0] for g in cotangents]
+
+
+class BlockVJPs:
+    """One forward pass of `net` under `plan` (an eval plan: None is the full network) on (x, y),
+    keeping every running block's two branches as a separate graph.
+
+    Position p of the plan's sequence runs block `sequence[p]`. `enter[p]` is merge(shortcut
+    .detach(), residual) and `bypass[p]` is merge(shortcut, residual.detach()) of that block, both
+    as functions of its own input leaf `inputs[p]`, with the plan's residual scale applied;
+    `bypass[p]` is None for an identity shortcut with an additive merge (its VJP is the identity);
+    `enter[p]` is None for a block the plan deletes (only its skip runs). `g_top` is
+    d loss / d (trunk output), shared by every path.
+    """
+
+    def __init__(
+        self,
+        net: Network,
+        x: Tensor,
+        y: Tensor,
+        wrt: str = "input",
+        batched: bool | None = None,
+        plan: Plan | None = None,
+    ):
+        if wrt not in WRT:
+            raise ConfigError(f"wrt={wrt!r}: choose 'input' (network input) or 'stem' (its output)")
+        check_residual(net)
+        plan = gradient_plan(plan)
+        plan.validate(net.n_blocks)
+        self.wrt, self.n_blocks = wrt, net.n_blocks
+        self.sequence = plan.sequence(net.n_blocks)
+        self.batched = x.device.type != "cpu" if batched is None else batched
+        self.inputs, self.enter, self.bypass = [], [], []
+        with torch.enable_grad():
+            self.x = x.detach().requires_grad_(wrt == "input")
+            self.stem_out = net.stem(self.x)
+            h = self.stem_out.detach().requires_grad_()
+            for i in self.sequence:
+                block = net.blocks[i]
+                self.inputs.append(h)
+                if i in plan.deleted:
+                    out = block.skip(h)
+                    self.enter.append(None)
+                    self.bypass.append(None if out is h else out)
+                else:
+                    s, r = block.shortcut(h), block.residual(h)
+                    if plan.residual_scale != 1.0:
+                        r = r * plan.residual_scale
+                    self.enter.append(block.merge(s.detach(), r))
+                    identity = s is h and type(block).merge is Block.merge
+                    self.bypass.append(None if identity else block.merge(s, r.detach()))
+                    out = block.merge(s, r)
+                h = out.detach().requires_grad_()
+            loss = F.cross_entropy(net.head(h), y)
+            self.g_top = torch.autograd.grad(loss, h)[0]
+
+    def enterable(self, p: int) -> bool:
+        """Whether the block at position p has a residual branch for paths to enter."""
+        return self.enter[p] is not None
+
+    def trie_order(self, paths: Sequence[frozenset[int]]) -> list[int]:
+        """Path indices in the lexicographic order of their choices from the output down."""
+        top_down = list(reversed(self.sequence))
+        return sorted(range(len(paths)), key=lambda j: [i in paths[j] for i in top_down])
+
+    def through_residual(self, p: int, gs: list[Tensor]) -> list[Tensor]:
+        return _vjp(self.enter[p], self.inputs[p], gs, self.batched)
+
+    def through_shortcut(self, p: int, gs: list[Tensor]) -> list[Tensor]:
+        return (
+            gs if self.bypass[p] is None else _vjp(self.bypass[p], self.inputs[p], gs, self.batched)
+        )
+
+    def to_wrt(self, gs: list[Tensor]) -> list[Tensor]:
+        """Carry gradients at the stem output back to the measured point."""
+        return gs if self.wrt == "stem" else _vjp(self.stem_out, self.x, gs, self.batched)
+
+    def path_grads(self, paths: Sequence[frozenset[int]]) -> Tensor:
+        """Gradients (S, *x.shape) of the S given paths (sets of blocks whose residual they enter).
+
+        Paths that made the same choices in all blocks above block i share one cotangent there
+        (a trie walked from the output), so a shared prefix is computed once; an identity shortcut
+        passes its cotangents on untouched.
+        """
+        states, ptr = [self.g_top], [0] * len(paths)  # distinct cotangents; path -> state
+        for p in reversed(range(len(self.sequence))):
+            i = self.sequence[p]
+            enters = [self.enterable(p) and i in path for path in paths]
+            if not any(enters) and self.bypass[p] is None:
+                continue
+            keys: dict[tuple[int, bool], int] = {}
+            ptr = [keys.setdefault((s, e), len(keys)) for s, e in zip(ptr, enters)]
+            skip = [k for k in keys if not k[1]]
+            enter = [k for k in keys if k[1]]
+            done = dict(zip(skip, self.through_shortcut(p, [states[s] for s, _ in skip])))
+            done.update(zip(enter, self.through_residual(p, [states[s] for s, _ in enter])))
+            states = [done[k] for k in keys]
+        states = self.to_wrt(states)
+        return torch.stack([states[s] for s in ptr])
+
+
+def fast_path_grads(
+    net: Network,
+    x: Tensor,
+    y: Tensor,
+    paths: Sequence[frozenset[int]],
+    wrt: str = "input",
+    chunk: int = 128,
+    batched: bool | None = None,
+    plan: Plan | None = None,
+) -> Tensor:
+    """Gradients of many paths on one batch: one forward, batched VJPs, `chunk` paths at a time,
+    under the eval plan `plan` (None: the full network).
+
+    Paths are walked in the lexicographic order of their choices from the output down, so that
+    paths with shared top choices land in the same chunk (and share those VJPs).
+    """
+    engine = BlockVJPs(net, x, y, wrt, batched, plan)
+    order = engine.trie_order(paths)
+    grads = torch.cat(
+        [
+            engine.path_grads([paths[j] for j in order[c : c + chunk]])
+            for c in range(0, len(paths), chunk)
+        ]
+    )
+    return grads[torch.argsort(torch.tensor(order))]
+
+
+def gated_grad(net: Network, x: Tensor, y: Tensor, plan: Plan, wrt: str = "input") -> Tensor:
+    """Gradient of the batch-mean cross-entropy w.r.t. the input (or stem output) under `plan`."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(wrt == "input")
+        h = net.stem(x)
+        leaf = x
+        if wrt == "stem":
+            h = leaf = h.detach().requires_grad_()
+        loss = F.cross_entropy(net.head(net.trunk(h, plan)), y)
+        return torch.autograd.grad(loss, leaf)[0]
+
+
+def straightforward_path_grad(
+    net: Network,
+    x: Tensor,
+    y: Tensor,
+    path: frozenset[int],
+    wrt: str = "input",
+    plan: Plan | None = None,
+) -> Tensor:
+    """Reference: a full forward + backward under the eval plan with `grad_path=path` on top."""
+    return gated_grad(net, x, y, gradient_plan(plan, grad_path=frozenset(path)), wrt)
+
+
+def straightforward_path_grads(net, x, y, paths, wrt: str = "input", plan=None) -> Tensor:
+    return torch.stack([straightforward_path_grad(net, x, y, p, wrt, plan) for p in paths])
+
+
+ENGINES = {"fast": fast_path_grads, "straightforward": straightforward_path_grads}
+
+
+def sample_paths(n: int, lengths: Sequence[int], samples: int, gen: torch.Generator):
+    """`samples` uniformly random k-subsets of range(n) for each k: [(k, frozenset), ...]."""
+    return [
+        (k, frozenset(torch.randperm(n, generator=gen)[:k].tolist()))
+        for k in lengths
+        for _ in range(samples)
+    ]
+
+
+def path_grad_norms(
+    net: Network,
+    x: Tensor,
+    y: Tensor,
+    paths: Sequence[frozenset[int]],
+    wrt: str = "input",
+    engine: str = "fast",
+    chunk: int = 128,
+    plan: Plan | None = None,
+) -> Tensor:
+    """Norm of each path's gradient on the batch (x, y) under the eval plan `plan` (None: the full
+    network), by the chosen engine, in path order."""
+    if engine == "straightforward":
+        return torch.stack(
+            [straightforward_path_grad(net, x, y, p, wrt, plan).double().norm() for p in paths]
+        )
+    if engine != "fast":
+        raise ConfigError(f"engine={engine!r}: choose 'fast' or 'straightforward'")
+    vjps = BlockVJPs(net, x, y, wrt, plan=plan)
+    order = vjps.trie_order(paths)
+    norms = torch.empty(len(paths), dtype=torch.float64)
+    for c in range(0, len(paths), chunk):
+        idx = order[c : c + chunk]
+        grads = vjps.path_grads([paths[j] for j in idx]).flatten(1)
+        norms[idx] = grads.double().norm(dim=1).cpu()  # squares of tiny float32s underflow
+    return norms

@@ -1,0 +1,190 @@
+"""Statistics over the tidy tables: one place for every group-by, fit and test.
+
+Used by the analyses for a run's headline numbers (`summary.json`) and by the sweep aggregator
+(`src/report.py`) across runs, so a number means the same thing wherever it is printed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from math import comb
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+
+def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """Mean and the half-width of its t-based confidence interval (nan for one value)."""
+    v = np.asarray(values, dtype=float)
+    mean = float(v.mean())
+    if len(v) < 2:
+        return mean, math.nan
+    return mean, float(stats.t.ppf(0.5 + level / 2, len(v) - 1) * stats.sem(v))
+
+
+def curve(table: pd.DataFrame, x: str, y: str, by: Sequence[str] = ()) -> pd.DataFrame:
+    """Mean curve of `y` over `x` per group `by`: repeated rows of one run (trials) are averaged
+    first, then runs (seeds) are combined into mean, 95% CI half-width and their number `n`."""
+    keys = [*by, x]
+    per_run = table.groupby([*keys, "run_dir"], dropna=False)[y].mean().reset_index()
+    out = per_run.groupby(keys, dropna=False)[y].agg(
+        mean="mean", ci=lambda v: mean_ci(v.tolist())[1], n="count"
+    )
+    return out.reset_index().sort_values(keys, kind="stable", ignore_index=True)
+
+
+def fit_decay(lengths: Sequence[float], values: Sequence[float]) -> dict:
+    """Least-squares line log(value) = a + b * length (scipy.stats.linregress), with standard
+    errors: b is the decay rate per block entered, exp(b) the factor per block. Non-positive
+    values are left out; fewer than two points give None."""
+    pts = [(float(k), math.log(v)) for k, v in zip(lengths, values) if v > 0]
+    none = dict.fromkeys(("decay_rate", "decay_rate_se", "intercept", "intercept_se"))
+    if len({k for k, _ in pts}) < 2:
+        return none | {"factor_per_block": None}
+    fit = stats.linregress(*zip(*pts))
+    se = float(fit.stderr) if len(pts) > 2 else None  # a line through 2 points has no error
+    return {
+        "decay_rate": float(fit.slope),
+        "decay_rate_se": se,
+        "intercept": float(fit.intercept),
+        "intercept_se": float(fit.intercept_stderr) if se is not None else None,
+        "factor_per_block": math.exp(fit.slope),
+    }
+
+
+# --- per-study headline numbers of one run ------------------------------------------------------
+
+
+def delete_single_headline(table: pd.DataFrame, baseline: float) -> dict:
+    """Numbers a reader compares with Figs 3/4: the increase over the unlesioned error when
+    deleting a block that does not downsample (all blocks if every block does)."""
+    plain = table.loc[~table.downsampling, "error"]
+    plain = plain if len(plain) else table.error
+    worst = table.loc[table.error.idxmax()]
+    return {
+        "baseline_error": baseline,
+        "median_error": float(table.error.median()),
+        "median_increase_nondownsampling": float(plain.median() - baseline),
+        "mean_increase_nondownsampling": float(plain.mean() - baseline),
+        "max_increase_nondownsampling": float(plain.max() - baseline),
+        "min_error": float(table.error.min()),
+        "max_error": float(worst.error),
+        "worst_block": int(worst.block),
+        "downsampling_errors": table.loc[table.downsampling, "error"].tolist(),
+    }
+
+
+def per_k(table: pd.DataFrame, x: str = "k") -> dict:
+    """Error over the trials of each x (delete_many's k, reorder's swaps): mean, std, min, max,
+    and for reorder the mean Kendall tau."""
+    aggs = {"mean": ("error", "mean"), "std": ("error", lambda e: float(np.std(e)))}
+    aggs |= {"min": ("error", "min"), "max": ("error", "max")}
+    if "kendall_tau" in table:
+        aggs["mean_kendall_tau"] = ("kendall_tau", "mean")
+    out = table.groupby(x).agg(**aggs)
+    return {str(k): {c: float(v) for c, v in row.items()} for k, row in out.iterrows()}
+
+
+def largest_step(table: pd.DataFrame, x: str) -> float:
+    """Largest rise of the mean error between neighbouring x (0 with one x): small when error
+    grows smoothly, as Figs 5a/5b claim."""
+    mean = table.groupby(x).error.mean().sort_index()
+    return float(np.diff(mean.to_numpy()).max(initial=0.0))
+
+
+# --- gradient per path length (Figs 6b, 6c) -----------------------------------------------------
+
+
+def length_stats(lengths: Sequence[int], norms: Sequence[float]) -> pd.DataFrame:
+    """Rows `length,samples,grad_norm_mean,grad_norm_std` (std with ddof=1; 0 for one sample)."""
+    t = pd.DataFrame({"length": list(lengths), "norm": [float(g) for g in norms]})
+    out = t.groupby("length").norm.agg(samples="count", grad_norm_mean="mean", grad_norm_std="std")
+    return out.fillna({"grad_norm_std": 0.0}).reset_index()
+
+
+def total_gradient(n: int, lengths: Sequence[int], mean_norms: Sequence[float]) -> pd.DataFrame:
+    """Fig 6c: C(n, k) x mean norm per measured length, as log10 and as a share of their sum.
+    Counts reach 2^54, so the products are formed in log space (math.log of exact ints)."""
+    logs = [
+        math.log(comb(n, int(k))) + math.log(g) if g > 0 else -math.inf
+        for k, g in zip(lengths, mean_norms)
+    ]
+    top = max(logs)
+    weights = [math.exp(v - top) for v in logs]
+    total = math.fsum(weights)
+    return pd.DataFrame(
+        {
+            "length": list(lengths),
+            "log10_total": [v / math.log(10) for v in logs],
+            "share": [w / total for w in weights],
+        }
+    )
+
+
+# --- Sec. 5: block-subset training against full training ----------------------------------------
+
+FULL = "full"
+
+
+def arm(training: str | None, k, n_blocks) -> str:
+    """'full' for standard training (or k = n, every block every step), else 'k=<k>/<n>'."""
+    if training == "standard" or (k is not None and n_blocks is not None and k == n_blocks):
+        return FULL
+    return f"k={k}/{n_blocks}"
+
+
+def compare_arms(runs: pd.DataFrame, alpha: float = 0.05, value: str = "test_error") -> dict:
+    """Test error of the block-subset arm against the full arm: Welch's t-test (primary, two
+    independent samples), and where both arms share seeds (same initial weights and data order)
+    the paired t-test and Wilcoxon's signed-rank test. `runs` needs columns arm, seed, `value`."""
+    from src.errors import ConfigError
+
+    arms = sorted(runs.arm.unique())
+    subset = [a for a in arms if a != FULL]
+    if FULL not in arms or len(subset) != 1:
+        raise ConfigError(
+            f"found arms {arms}: need finished runs of exactly one block_subset k and full training"
+        )
+    sub = subset[0]
+    err = {a: runs.loc[runs.arm == a, value].astype(float).tolist() for a in (sub, FULL)}
+    if min(len(v) for v in err.values()) < 2:
+        raise ConfigError("need at least 2 seeds per arm for a significance test: add seeds")
+    out = {
+        "arms": {
+            a: {
+                "runs": len(v),
+                "mean_error": float(np.mean(v)),
+                "std_error": float(np.std(v, ddof=1)),
+                "errors": v,
+            }
+            for a, v in err.items()
+        },
+        "subset_arm": sub,
+        "value": value,
+        "difference_subset_minus_full": float(np.mean(err[sub]) - np.mean(err[FULL])),
+        "alpha": alpha,
+    }
+    welch = stats.ttest_ind(err[sub], err[FULL], equal_var=False)
+    out["welch_t"] = {"statistic": _num(welch.statistic), "p_value": _num(welch.pvalue)}
+    paired = runs.pivot_table(index="seed", columns="arm", values=value, aggfunc="first").dropna()
+    if len(paired) >= 2:
+        a, b = paired[sub].astype(float), paired[FULL].astype(float)
+        t = stats.ttest_rel(a, b)
+        out["paired_t"] = {
+            "seeds": len(paired),
+            "statistic": _num(t.statistic),
+            "p_value": _num(t.pvalue),
+        }
+        if (a != b).any():
+            w = stats.wilcoxon(a, b)
+            out["wilcoxon"] = {"statistic": _num(w.statistic), "p_value": _num(w.pvalue)}
+    p = out["welch_t"]["p_value"]
+    out["significant"] = p is not None and p < alpha
+    return out
+
+
+def _num(v) -> float | None:
+    v = float(v)
+    return None if math.isnan(v) else v
