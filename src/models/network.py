@@ -35,6 +35,8 @@ class Block(nn.Module):
     has_shortcut: bool = True
     downsampling: bool = False
     stage: int = 0
+    layer: int | None = None  # transformers: the layer this sub-layer block belongs to
+    kind: str | None = None  # transformers: "attn", "mlp" or "layer"
 
     def shortcut(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -124,11 +126,15 @@ class Network(nn.Module):
         return len(self.blocks)
 
     def block_info(self) -> list[dict]:
-        """Index, stage and downsampling flag of every block (for lesion tables)."""
-        return [
-            {"block": i, "stage": b.stage, "downsampling": b.downsampling}
-            for i, b in enumerate(self.blocks)
-        ]
+        """Index, stage and downsampling flag of every block (for lesion tables); transformer
+        blocks add their layer index and branch kind."""
+        rows = []
+        for i, b in enumerate(self.blocks):
+            row = {"block": i, "stage": b.stage, "downsampling": b.downsampling}
+            if b.kind is not None:
+                row.update(layer=b.layer, kind=b.kind)
+            rows.append(row)
+        return rows
 
     def run_block(self, i: int, h: Tensor, plan: Plan = FULL) -> Tensor:
         block = self.blocks[i]
