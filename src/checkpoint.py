@@ -15,14 +15,16 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from src.cluster import requeued
 from src.errors import ConfigError
 
 KEY = "run_config"
 GROUPS = ("model", "data", "training")  # what the checkpoint decides
 CHOICES = (*GROUPS, "preset")
 # Keys that choose how a trained network is read or tested, not what it is: an analysis may set
-# them freely (data location and batch sizes, the test-time rule of block-subset training).
-FREE_PREFIXES = ("data.", "training.test_mode")
+# them freely (data location and batch sizes, the test-time rule of block-subset training and
+# its batch-norm batches and ensemble size).
+FREE_PREFIXES = ("data.", "training.test_mode", "training.bn_batches", "training.ensemble_size")
 
 
 def describe(cfg: DictConfig, choices: dict) -> dict:
@@ -102,8 +104,8 @@ def check_overrides_against(saved: dict, overrides: list[str], path: str) -> Non
 
 def adopt(cfg: DictConfig, saved: dict, overrides: list[str], path: str) -> None:
     """Rebuild the checkpoint's network, data and training mode in `cfg` (in place), keeping the
-    run's explicit data.* and training.test_mode overrides. `overrides`: the run's own
-    (command line and sweep)."""
+    run's explicit overrides of FREE_PREFIXES (data.*, training.test_mode, ...). `overrides`: the
+    run's own (command line and sweep)."""
     check_overrides_against(saved, overrides, path)
     free = {
         key: OmegaConf.select(cfg, key)
@@ -126,3 +128,29 @@ def _parse(value: str):
 
 def _plain(value):
     return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
+def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
+    """`resume=true`: continue from this run dir's newest checkpoint (last.ckpt, or the
+    hpc_ckpt_<n>.ckpt Lightning saves on Slurm's requeue signal) if any; `resume=<file>`: from it.
+    A requeued Slurm job (SLURM_RESTART_COUNT > 0) always continues its own run dir."""
+    if cfg.resume is True or requeued():
+        found = [output_dir / "checkpoints" / "last.ckpt", *output_dir.glob("hpc_ckpt_*.ckpt")]
+        found = [p for p in found if p.exists()]
+        if found:
+            return str(max(found, key=lambda p: p.stat().st_mtime))
+    if cfg.resume in (None, False, True):
+        return None
+    load(cfg.resume, what="resume")  # a one-line error unless it is a checkpoint
+    return str(Path(str(cfg.resume)).expanduser())
+
+
+def load_weights(module: L.LightningModule, ckpt: dict, path: str) -> None:
+    try:
+        module.load_state_dict(ckpt["state_dict"])
+    except RuntimeError:
+        raise ConfigError(
+            f"checkpoint {path} was trained with a different architecture than "
+            f"model={module.net.__class__.__name__}({module.net.n_blocks} blocks): pass the "
+            "model=... (and data=...) it was trained with"
+        ) from None

@@ -1,8 +1,15 @@
-"""User-facing errors: each message is one line that names the fix."""
+"""User-facing errors: the error type, its one-line report, and the checks of a run's config that
+run before any work (each message is one line that names the fix)."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 class ConfigError(ValueError):
@@ -14,3 +21,31 @@ def exit_with(err: BaseException, code: int = 2) -> None:
     message = " ".join(str(err).split())  # one line, whatever the message holds
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+def check_device(cfg: DictConfig) -> None:
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            "trainer=gpu needs a CUDA GPU and none is visible here: run on the CPU with "
+            "preset=quick (or trainer=cpu)"
+        )
+
+
+def validate(cfg: DictConfig) -> None:
+    if not cfg.train and not cfg.ckpt_path:
+        raise ConfigError("train=false needs a checkpoint to analyse: add ckpt_path=<file.ckpt>")
+    check_device(cfg)
+
+
+def check_choices(argv: list[str]) -> None:
+    """Fail fast, in one line, on an unknown config-group option (e.g. `model=resnet111`)."""
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        group = CONF_DIR / key
+        if not sep or key.startswith("hydra") or not group.is_dir():
+            continue
+        options = sorted(p.stem for p in group.glob("*.yaml"))
+        for choice in value.split(","):
+            if choice not in options and choice != "null":
+                raise ConfigError(f"unknown {key} {choice!r}: choose one of {', '.join(options)}")

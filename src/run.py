@@ -16,7 +16,6 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -25,14 +24,13 @@ from omegaconf import DictConfig, OmegaConf
 from src import checkpoint
 from src.cluster import SIGTERMED, ddp_ranks_join_this_job, leave_ddp, requeued, watch_sigterm
 from src.data import DataUnavailable
-from src.errors import ConfigError, exit_with
+from src.errors import ConfigError, check_choices, exit_with, validate
 from src.module import Classifier
 from src.results import write_json
 from src.rundir import refuse_to_overwrite, wandb_id
 
 log = logging.getLogger("src.run")
 USER_ERRORS = (ConfigError, DataUnavailable, FileNotFoundError)
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 class DropNoise(logging.Filter):
@@ -65,47 +63,6 @@ def build(cfg: DictConfig, list_key: str) -> list:
         for c in (cfg.get(list_key) or {}).values()
         if c is not None and "_target_" in c
     ]
-
-
-def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
-    """`resume=true`: continue from this run dir's newest checkpoint (last.ckpt, or the
-    hpc_ckpt_<n>.ckpt Lightning saves on Slurm's requeue signal) if any; `resume=<file>`: from it.
-    A requeued Slurm job (SLURM_RESTART_COUNT > 0) always continues its own run dir."""
-    if cfg.resume is True or requeued():
-        found = [output_dir / "checkpoints" / "last.ckpt", *output_dir.glob("hpc_ckpt_*.ckpt")]
-        found = [p for p in found if p.exists()]
-        if found:
-            return str(max(found, key=lambda p: p.stat().st_mtime))
-    if cfg.resume in (None, False, True):
-        return None
-    checkpoint.load(cfg.resume, what="resume")  # a one-line error unless it is a checkpoint
-    return str(Path(str(cfg.resume)).expanduser())
-
-
-def load_weights(module: Classifier, ckpt: dict, path: str) -> None:
-    try:
-        module.load_state_dict(ckpt["state_dict"])
-    except RuntimeError:
-        raise ConfigError(
-            f"checkpoint {path} was trained with a different architecture than "
-            f"model={module.net.__class__.__name__}({module.net.n_blocks} blocks): pass the "
-            "model=... (and data=...) it was trained with"
-        ) from None
-
-
-def check_device(cfg: DictConfig) -> None:
-    accelerator = str(cfg.trainer.get("accelerator", "auto"))
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ConfigError(
-            "trainer=gpu needs a CUDA GPU and none is visible here: run on the CPU with "
-            "preset=quick (or trainer=cpu)"
-        )
-
-
-def validate(cfg: DictConfig) -> None:
-    if not cfg.train and not cfg.ckpt_path:
-        raise ConfigError("train=false needs a checkpoint to analyse: add ckpt_path=<file.ckpt>")
-    check_device(cfg)
 
 
 def run_facts(cfg: DictConfig, choices: dict, net, mode) -> dict:
@@ -172,14 +129,14 @@ def train(cfg: DictConfig) -> dict:
         log.info(
             "training %s (%d blocks) on %s", cfg.model._target_, net.n_blocks, cfg.data._target_
         )
-        resume_from = resume_checkpoint(cfg, output_dir)
+        resume_from = checkpoint.resume_checkpoint(cfg, output_dir)
         if resume_from:
             log.info("resuming from %s", resume_from)
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         # the weights tested below are the final ones, also when fit stopped mid-epoch
         trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt")
     else:
-        load_weights(module, ckpt, cfg.ckpt_path)
+        checkpoint.load_weights(module, ckpt, cfg.ckpt_path)
     results = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     metrics = {k.replace("/", "_"): float(v) for k, v in results.items()}
     metrics["global_step"] = trainer.global_step
@@ -190,19 +147,6 @@ def train(cfg: DictConfig) -> dict:
             "test error %.4f; results in %s", metrics.get("test_error", float("nan")), output_dir
         )
     return metrics
-
-
-def check_choices(argv: list[str]) -> None:
-    """Fail fast, in one line, on an unknown config-group option (e.g. `model=resnet111`)."""
-    for arg in argv:
-        key, sep, value = arg.lstrip("+~").partition("=")
-        group = CONF_DIR / key
-        if not sep or key.startswith("hydra") or not group.is_dir():
-            continue
-        options = sorted(p.stem for p in group.glob("*.yaml"))
-        for choice in value.split(","):
-            if choice not in options and choice != "null":
-                raise ConfigError(f"unknown {key} {choice!r}: choose one of {', '.join(options)}")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -97,7 +97,7 @@ def test_ddp_sweep_job_equals_single_process(tmp_path):
     # one sweep dir holding its two job dirs: the second rank of a job did not start a sweep of
     # its own (#393), and job 1 started fresh ranks after job 0's had gone
     [sweep] = list((logs / "delete_many").iterdir())
-    assert sorted(p.name for p in sweep.iterdir()) == ["0", "1", "multirun.yaml"]
+    assert sorted(p.name for p in sweep.iterdir()) == ["0", "1", "multirun.yaml", "report"]
     for job in (sweep / "0", sweep / "1"):
         [wandb_run] = list((job / "wandb").glob("offline-run-*"))  # one W&B run, from rank 0
         logged = (wandb_run / "logs" / "debug.log").read_text()

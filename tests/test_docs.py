@@ -160,7 +160,7 @@ def check_quickstart(command, tmp_path_factory, tmp_path):
     sweep = newest("outputs/delete_single/multirun_*", copy)
     jobs = quickstart_jobs(copy)
     assert sorted(jobs) == ["resnet110", "vgg15"]
-    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1", "report"]
     res, vgg = (json.loads((jobs[m] / "metrics.json").read_text()) for m in ("resnet110", "vgg15"))
     assert res["global_step"] == vgg["global_step"] == 400
     assert (res["n_blocks"], vgg["n_blocks"], res["data"], res["training"]) == (
@@ -174,7 +174,10 @@ def check_quickstart(command, tmp_path_factory, tmp_path):
     assert len(analysis(jobs["resnet110"], "delete_single")) == 54
     vgg_rows = analysis(jobs["vgg15"], "delete_single")
     assert len(vgg_rows) == 13 and min(float(r["error"]) for r in vgg_rows) > 0.5
-    assert_figure(sweep / "delete_single.png")
+    # the sweep's report, drawn once when the last job finished: both networks in one figure
+    assert_figure(sweep / "report" / "delete_single.png")
+    md = (sweep / "report" / "report.md").read_text()
+    assert "2 finished runs" in md and "| model=vgg15 | 1 |" in md
     for job in jobs.values():
         assert (job / "checkpoints" / "last.ckpt").is_file() and (job / "run.log").is_file()
         [wandb_run] = (job / "wandb").glob("offline-run-*")
@@ -197,7 +200,8 @@ def check_quick_experiment(command, tmp_path_factory, tmp_path):
             assert len(analysis(job, "delete_single")) == 54
         assert trainings == {"standard", "stochastic_depth"}
         assert labels == {"resnet110, standard training", "resnet110, stochastic_depth training"}
-        assert_figure(sweep / "delete_single.png")
+        assert_figure(sweep / "report" / "delete_single.png")
+        assert "training=stochastic_depth" in (sweep / "report" / "report.md").read_text()
         return
     run = single_run(copy, experiment)
     metrics = json.loads((run / "metrics.json").read_text())
@@ -241,22 +245,20 @@ def check_gradient_paths(command, tmp_path_factory, tmp_path):
     assert_figure(run / "analysis" / "gradient_paths.png")
 
 
-def check_effective_paths(command, tmp_path_factory, tmp_path):
-    sweep = sweep_dir(effective_paths_quick(tmp_path_factory), "effective_paths")
-    if "src.analysis.effective_paths" in command:  # rebuild the report of a copy of the sweep
-        shutil.copytree(sweep, tmp_path / sweep.name)
-        sweep = tmp_path / sweep.name
-        for ext in ("md", "json", "png"):
-            (sweep / f"effective_paths.{ext}").unlink()
-        args = words(command, {"<sweep dir>": str(sweep)})
-        run_cli(*args, module="src.analysis.effective_paths")
-    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == [str(i) for i in range(8)]
-    report = json.loads((sweep / "effective_paths.json").read_text())
+def check_effective_paths(command, tmp_path_factory, tmp_path, sweep=None):
+    """The Sec. 5 sweep's report, written when the sweep ended (or rebuilt into `sweep`)."""
+    if sweep is None:
+        sweep = sweep_dir(effective_paths_quick(tmp_path_factory), "effective_paths")
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == [
+        *(str(i) for i in range(8)),
+        "report",
+    ]
+    report = json.loads((sweep / "report" / "effective_paths.json").read_text())
     assert len(report["runs"]) == 8 and report["steps"] == [20]
     assert sorted(report["arms"]) == ["full", "k=4/9"]
     assert all(arm["runs"] == 4 for arm in report["arms"].values())
-    assert "Welch" in (sweep / "effective_paths.md").read_text()
-    assert_figure(sweep / "effective_paths.png", min_pixels=200)
+    assert "Welch" in (sweep / "report" / "effective_paths.md").read_text()
+    assert_figure(sweep / "report" / "effective_paths.png", min_pixels=200)
 
 
 def check_analytic(command, tmp_path_factory, tmp_path):
@@ -336,6 +338,14 @@ def check_report(command, tmp_path_factory, tmp_path):
             pytest.skip("no Slurm cluster: run `scripts/slurm_local.sh start` (as root) first")
         copy = slurm_sweep(tmp_path_factory)
         sweep, analyses, jobs = sweep_dir(copy, "train"), [], 2
+    elif target.startswith("outputs/effective_paths/"):  # rebuild a copy of the Sec. 5 report
+        sweep = sweep_dir(effective_paths_quick(tmp_path_factory), "effective_paths")
+        work = tmp_path / "outputs" / "effective_paths" / sweep.name
+        shutil.copytree(sweep, work)
+        shutil.rmtree(work / "report")
+        run_cli(str(work.relative_to(tmp_path)), module="src.report", cwd=tmp_path)
+        check_effective_paths(command, tmp_path_factory, tmp_path, sweep=work)
+        return
     elif target.startswith("outputs/delete_many/"):  # Fig. 5a over seeds, as on the GPU nodes
         copy = fresh_copy(tmp_path)
         run_cli(
@@ -355,19 +365,9 @@ def check_report(command, tmp_path_factory, tmp_path):
         copy, sweep = work, work / sweep.relative_to(copy)
     run_cli(str(sweep.relative_to(copy)), module="src.report", cwd=copy)
     md = (sweep / "report" / "report.md").read_text()
-    assert f"{jobs} finished jobs" in md
+    assert f"{jobs} finished runs" in md
     for name in analyses:
         assert_figure(sweep / "report" / f"{name}.png")
-
-
-def check_replot_delete_single(command, tmp_path_factory, tmp_path):
-    copy = once(tmp_path_factory, "quickstart", lambda c: None)
-    sweep = newest("outputs/delete_single/multirun_*", copy)
-    work = tmp_path / sweep.name
-    shutil.copytree(sweep, work)
-    (work / "delete_single.png").unlink()
-    run_cli(str(work), module="src.analysis.delete_single")
-    assert_figure(work / "delete_single.png")
 
 
 def check_analyse_checkpoint(command, tmp_path_factory, tmp_path):
@@ -432,13 +432,11 @@ RULES = [
         check_gradient_paths,
     ),
     Rule(
-        r"python -m src\.run experiment=effective_paths preset=quick"
-        r"|python -m src\.analysis\.effective_paths <sweep dir>",
+        r"python -m src\.run experiment=effective_paths preset=quick",
         check_effective_paths,
     ),
     Rule(r"python -m src\.run experiment=(path_lengths|remaining_paths)", check_analytic),
     Rule(r"python -m src\.report (\S+|<multirun dir>)", check_report),
-    Rule(r"python -m src\.analysis\.delete_single <sweep dir>", check_replot_delete_single),
     Rule(
         r"python -m src\.run experiment=delete_many train=false ckpt_path=\S+",
         check_analyse_checkpoint,
@@ -478,7 +476,6 @@ def test_documented_command(command, request, tmp_path_factory, tmp_path):
     if rule.check in (
         check_quickstart,
         check_report,
-        check_replot_delete_single,
         check_analyse_checkpoint,
     ):
         request.getfixturevalue("quickstart")

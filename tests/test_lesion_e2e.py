@@ -73,10 +73,16 @@ def test_delete_single_shows_the_papers_contrast(delete_single_sweep):
     vgg_baseline = json.loads((vgg / "analysis" / "summary.json").read_text())["baseline_error"]
     assert vgg_baseline < 0.2  # VGG itself learned the task ...
     assert min(float(r["error"]) for r in vgg_rows) >= VGG_DELETION_ERROR_MIN  # ... but breaks
-    # each job's figure overlays the runs of the sweep finished so far (ResNet ran first)
+    # each job's figure shows its own run; the sweep's report overlays both, drawn once
     assert _curves(res / "analysis" / "delete_single.png") == [True, False]
-    assert _curves(vgg / "analysis" / "delete_single.png") == [True, True]
-    assert _curves(delete_single_sweep / "delete_single.png") == [True, True]  # the sweep's
+    assert _curves(vgg / "analysis" / "delete_single.png") == [True, False]
+    report = delete_single_sweep / "report"
+    assert _curves(report / "delete_single.png") == [True, True]
+    assert {p.name for p in report.iterdir()} == {
+        "report.md",
+        "tables.parquet",
+        "delete_single.png",
+    }
 
 
 def test_delete_many_and_reorder_share_one_summary(trained, tmp_path):

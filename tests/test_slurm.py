@@ -63,6 +63,7 @@ def test_ddp_job_gets_one_slurm_task_per_rank(tmp_path):
     assert sorted(p.name for p in sweep.iterdir() if not p.name.startswith(".")) == [
         "0",
         "multirun.yaml",
+        "report",  # the sweep's report, written once when the Slurm array had finished
     ]
     [script] = (sweep / ".submitit").glob("*/*_submission.sh")
     assert "#SBATCH --ntasks-per-node=2" in script.read_text()
@@ -168,6 +169,7 @@ def test_requeued_job_resumes_from_its_checkpoints(tmp_path):
     assert sorted(p.name for p in sweep.iterdir() if not p.name.startswith(".")) == [
         "0",
         "multirun.yaml",
+        "report",  # the sweep's report, written once when the Slurm array had finished
     ]
     # and, resumed twice (from last.ckpt, then mid-epoch from hpc_ckpt_1.ckpt), it ends with the
     # weights of an uninterrupted run with the same seed, tensor for tensor
