@@ -147,8 +147,14 @@ def effective_paths(runs: pd.DataFrame, out: Path, alpha: float) -> list[str]:
     md = effective_paths_markdown(arms[columns], res)
     results.atomic_write(out / "effective_paths.md", md)
     results.save_figure(figures.effective_paths(arms, res), out / "effective_paths.png")
-    return ["", *md.splitlines()[0:1], "", "![effective paths](effective_paths.png)", "",
-            *md.splitlines()[2:]]
+    return [
+        "",
+        *md.splitlines()[0:1],
+        "",
+        "![effective paths](effective_paths.png)",
+        "",
+        *md.splitlines()[2:],
+    ]
 
 
 def effective_paths_markdown(runs: pd.DataFrame, res: dict) -> str:
@@ -179,10 +185,7 @@ def effective_paths_markdown(runs: pd.DataFrame, res: dict) -> str:
         "",
         "| run | arm | seed | test error |",
         "|---|---|---|---|",
-        *(
-            f"| {r.run_dir} | {r.arm} | {r.seed} | {r.test_error:.4f} |"
-            for r in runs.itertuples()
-        ),
+        *(f"| {r.run_dir} | {r.arm} | {r.seed} | {r.test_error:.4f} |" for r in runs.itertuples()),
     ]
     return "\n".join(lines) + "\n"
 

@@ -32,9 +32,10 @@ def derive(seed: int, *keys) -> int:
     return int.from_bytes(digest, "little") >> 2
 
 
-def generator(seed: int, *keys) -> torch.Generator:
-    """A CPU generator seeded with `derive(seed, *keys)`."""
-    return torch.Generator().manual_seed(derive(seed, *keys))
+def generator(seed: int, *keys, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on `device` seeded with `derive(seed, *keys)`. Seeding a GPU generator is
+    host-side bookkeeping (no copy, no sync); its draws differ from a CPU generator's."""
+    return torch.Generator(device=device).manual_seed(derive(seed, *keys))
 
 
 def run_seed(trainer=None) -> int:

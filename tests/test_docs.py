@@ -210,11 +210,11 @@ def check_quick_experiment(command, tmp_path_factory, tmp_path):
     assert summary["baseline_error"] == pytest.approx(metrics["test_error"], abs=1e-6)
     if experiment == "delete_many":
         rows = analysis(run, "delete_many")
-        assert own_columns(rows[0]) == ["k", "trial", "deleted", "error", "baseline"]
+        assert own_columns(rows[0]) == ["k", "trial", "deleted", "error", "baseline", "bn"]
         assert len(rows) == 21 * 2
     elif experiment == "reorder":
         rows = analysis(run, "reorder")
-        assert own_columns(rows[0]) == ["swaps", "trial", "kendall_tau", "error", "baseline"]
+        assert own_columns(rows[0]) == ["swaps", "trial", "kendall_tau", "error", "baseline", "bn"]
         assert len(rows) == 8 * 2
         assert {float(r["kendall_tau"]) for r in rows if r["swaps"] == "0"} == {1.0}
     elif experiment == "imagenet_delete_single":  # ResNet-200's 3/24/36/3 bottleneck blocks

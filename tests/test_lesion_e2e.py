@@ -55,7 +55,7 @@ def test_delete_single_shows_the_papers_contrast(delete_single_sweep):
     res, vgg = jobs["resnet110"], jobs["vgg15"]
     assert (res.name, vgg.name) == ("0", "1")  # the sweep's order
     res_rows, vgg_rows = _rows(res, "delete_single"), _rows(vgg, "delete_single")
-    assert own_columns(res_rows[0]) == ["block", "stage", "downsampling", "error", "baseline"]
+    assert own_columns(res_rows[0]) == ["block", "stage", "downsampling", "error", "baseline", "bn"]
     assert len(res_rows) == 54 and len(vgg_rows) == 13
     assert [r["block"] for r in res_rows] == [str(i) for i in range(54)]
     assert sum(r["downsampling"] == "True" for r in res_rows) == 2
@@ -102,9 +102,8 @@ def test_delete_many_and_reorder_share_one_summary(trained, tmp_path):
     summary = json.loads((tmp_path / "analysis" / "summary.json").read_text())
     baseline = summary["baseline_error"]
     many = _rows(tmp_path, "delete_many")
-    assert (
-        own_columns(many[0]) == ["k", "trial", "deleted", "error", "baseline"] and len(many) == 12
-    )
+    assert own_columns(many[0]) == ["k", "trial", "deleted", "error", "baseline", "bn"]
+    assert len(many) == 12 and {r["bn"] for r in many} == {"eval"}
     for r in many:
         assert len(set(r["deleted"].split())) == int(r["k"])
         if r["k"] == "0":
@@ -113,7 +112,7 @@ def test_delete_many_and_reorder_share_one_summary(trained, tmp_path):
     assert per_k["20"]["mean"] > per_k["1"]["mean"]  # error grows with k (Fig. 5a)
     reorder = _rows(tmp_path, "reorder")
     assert (
-        own_columns(reorder[0]) == ["swaps", "trial", "kendall_tau", "error", "baseline"]
+        own_columns(reorder[0]) == ["swaps", "trial", "kendall_tau", "error", "baseline", "bn"]
         and len(reorder) == 9
     )
     for r in reorder:
@@ -128,6 +127,45 @@ def test_delete_many_and_reorder_share_one_summary(trained, tmp_path):
     ends = {"0 swaps": "#440154", "32 swaps": "#fde725"}
     px = colour_pixels(tmp_path / "analysis" / "reorder.png", (5.5, 3.6), ends)
     assert px["0 swaps"] > 20 and px["32 swaps"] > 20
+
+
+def test_recalibrated_deletions_through_the_cli(trained, tmp_path):
+    """`bn=recalibrate`: the recorded errors are those of the engine on the checkpoint's network,
+    with the study's seeded training batches; the trained statistics stay in the checkpoint."""
+    import torch
+
+    from src.bn import training_batches
+    from src.data import DigitsDataModule, batches
+    from src.engines.lesion import lesion_plan, recalibrated_errors
+    from src.models import preact_resnet_cifar
+
+    ckpt = _ckpt(trained("resnet110"))
+    blocks = [0, 18, 30]
+    _lesion_cli(
+        "+lesion@callbacks.delete_single=delete_single",  # one run (the experiment is a sweep)
+        "train=false",
+        f"ckpt_path={ckpt}",
+        f"hydra.run.dir={tmp_path}",
+        f"callbacks.delete_single.blocks=[{','.join(map(str, blocks))}]",
+        "callbacks.delete_single.bn=recalibrate",
+        "callbacks.delete_single.bn_batches=3",
+    )
+    rows = _rows(tmp_path, "delete_single")
+    assert [int(r["block"]) for r in rows] == blocks and {r["bn"] for r in rows} == {"recalibrate"}
+    summary = json.loads((tmp_path / "analysis" / "summary.json").read_text())["delete_single"]
+    assert summary["bn"] == "recalibrate" and summary["label"].endswith("BN re-estimated")
+
+    net = preact_resnet_cifar(blocks_per_stage=18, in_channels=1)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    net.load_state_dict(
+        {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
+    )
+    dm = DigitsDataModule(batch_size=64)
+    train = list(training_batches(dm, 3, seed=0))
+    plans = [lesion_plan(None, [i]) for i in blocks]
+    base, errors = recalibrated_errors(net, plans, batches(dm, "test"), train)
+    assert float(rows[0]["baseline"]) == pytest.approx(base, abs=1e-12)
+    assert [float(r["error"]) for r in rows] == pytest.approx(errors, abs=1e-12)
 
 
 @pytest.mark.parametrize(

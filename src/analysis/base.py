@@ -77,10 +77,9 @@ class AnalysisCallback(Callback):
 
     def run_label(self, pl_module: L.LightningModule) -> str:
         net = pl_module.net
-        return (
-            getattr(self, "label", None)
-            or f"{type(net.blocks[0]).__name__} ({net.n_blocks} blocks)"
-        )
+        label = getattr(self, "label", None)
+        label = label or f"{type(net.blocks[0]).__name__} ({net.n_blocks} blocks)"
+        return label + (", BN re-estimated" if getattr(self, "bn", "eval") == "recalibrate" else "")
 
 
 class LesionStudy(AnalysisCallback):
@@ -91,7 +90,14 @@ class LesionStudy(AnalysisCallback):
     batch_size: test examples per engine batch (None: the data module's eval batch size).
     progress:   show a progress bar over lesions.
     label:      how this run is named in plots that overlay several runs.
+    bn:         "eval": the trained running statistics (the paper's lesions); "recalibrate":
+                every lesion (and the unlesioned network) tested with batch-norm statistics
+                re-estimated under it on `bn_batches` training batches (seeded, no augmentation),
+                separating stale statistics from lost paths. Weights are never touched.
+    bn_batches: training batches for the re-estimation.
     """
+
+    BN_MODES = ("eval", "recalibrate")
 
     name = "lesion"
 
@@ -102,11 +108,19 @@ class LesionStudy(AnalysisCallback):
         batch_size: int | None = None,
         progress: bool = True,
         label: str | None = None,
+        bn: str = "eval",
+        bn_batches: int = 20,
     ):
         if batch_size is not None and int(batch_size) < 1:
             raise ConfigError(f"{self.name}.batch_size must be positive, got {batch_size}")
+        if bn not in self.BN_MODES or int(bn_batches) < 1:
+            raise ConfigError(
+                f"{self.name}.bn={bn!r}, bn_batches={bn_batches}: choose bn=eval (trained "
+                "statistics) or bn=recalibrate, with bn_batches >= 1"
+            )
         self.reuse, self.device, self.progress, self.label = bool(reuse), device, progress, label
         self.batch_size = None if batch_size is None else int(batch_size)
+        self.bn, self.bn_batches = bn, int(bn_batches)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Check the study's arguments against the network (and the device) before anything is
@@ -134,13 +148,29 @@ class LesionStudy(AnalysisCallback):
     ) -> tuple[float, list[float]]:
         """(baseline error, error per plan) on the test split; plans are built on eval_plan."""
         from src.data import batches
-        from src.engines.lesion import lesion_errors
+        from src.engines.lesion import lesion_errors, recalibrated_errors
 
         device = self.device or pl_module.device
+        test = batches(trainer.datamodule, "test", device=device)
+        if self.bn == "recalibrate":
+            from src.bn import training_batches
+
+            seed = getattr(self, "seed", 0)
+            train = list(training_batches(trainer.datamodule, self.bn_batches, seed, device))
+            return recalibrated_errors(
+                pl_module.net,
+                plans,
+                test,
+                train,
+                base=pl_module.eval_plan,
+                device=device,
+                progress=self.progress,
+                description=f"{self.name} (BN re-estimated)",
+            )
         return lesion_errors(
             pl_module.net,
             plans,
-            batches(trainer.datamodule, "test", device=device),
+            test,
             base=pl_module.eval_plan,
             reuse=self.reuse,
             device=device,

@@ -67,10 +67,12 @@ class DeleteMany(LesionStudy):
             ]
         )
         rows["baseline"] = baseline
+        rows["bn"] = self.bn
         summary = {
             "baseline_error": baseline,
             "per_k": per_k(rows),
             "trials": self.trials,
             "label": self.run_label(pl_module),
+            "bn": self.bn,
         }
         self.record(trainer, pl_module, rows, summary, figures.delete_many)

@@ -47,5 +47,10 @@ class DeleteSingle(LesionStudy):
         baseline, errors = self.evaluate(trainer, pl_module, plans)
         rows = pd.DataFrame([{**info[i], "error": e} for i, e in zip(blocks, errors)])
         rows["baseline"] = baseline
-        summary = {**delete_single_headline(rows, baseline), "label": self.run_label(pl_module)}
+        rows["bn"] = self.bn
+        summary = {
+            **delete_single_headline(rows, baseline),
+            "label": self.run_label(pl_module),
+            "bn": self.bn,
+        }
         self.record(trainer, pl_module, rows, summary, figures.delete_single)

@@ -101,10 +101,12 @@ class Reorder(LesionStudy):
             ]
         )
         rows["baseline"] = baseline
+        rows["bn"] = self.bn
         summary = {
             "baseline_error": baseline,
             "per_swaps": per_k(rows, "swaps"),
             "trials": self.trials,
             "label": self.run_label(pl_module),
+            "bn": self.bn,
         }
         self.record(trainer, pl_module, rows, summary, figures.reorder)

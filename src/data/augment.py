@@ -23,8 +23,9 @@ def random_crop_flip(
     dev = x.device
     p = max(int(padding), 0)
 
-    def draw(high: int) -> Tensor:  # drawn on the CPU so a seeded generator works anywhere
-        return torch.randint(0, high, (n,), generator=generator).to(dev)
+    def draw(high: int) -> Tensor:  # on the generator's device: no copy when it is the batch's
+        where = dev if generator is None else generator.device
+        return torch.randint(0, high, (n,), generator=generator, device=where).to(dev)
 
     oy, ox = draw(2 * p + 1), draw(2 * p + 1)
     mirror = draw(2).bool() if flip else torch.zeros(n, dtype=torch.bool, device=dev)
@@ -38,7 +39,25 @@ def random_crop_flip(
 
 
 def normalize(x: Tensor, mean: Tensor, std: Tensor, scale: float) -> Tensor:
-    """uint8/float batch -> float32 normalised with per-channel mean/std (in [0, 1] units)."""
+    """uint8/float batch -> float32 normalised with per-channel mean/std (in [0, 1] units).
+    `mean`/`std` already on the batch's device cost no copy (see `Normalizer`)."""
     std = std.to(x.device)[None, :, None, None]
     bias = -mean.to(x.device)[None, :, None, None] / std
     return torch.addcmul(bias, x.float(), 1.0 / (scale * std))
+
+
+class Normalizer:
+    """`normalize` with the per-channel statistics kept on each device they were used on, so a
+    training step on a GPU makes no host-to-device copy for them."""
+
+    def __init__(self, mean, std, scale: float):
+        self.mean, self.std, self.scale = tuple(mean), tuple(std), float(scale)
+        self._on: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if x.device not in self._on:
+            self._on[x.device] = (
+                torch.tensor(self.mean, device=x.device),
+                torch.tensor(self.std, device=x.device),
+            )
+        return normalize(x, *self._on[x.device], self.scale)

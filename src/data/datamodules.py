@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from src import seeds
-from src.data.augment import normalize, random_crop_flip
+from src.data.augment import Normalizer, random_crop_flip
 from src.data.sampler import EpochSampler, ResumableLoader
 from src.errors import ConfigError
 
@@ -153,7 +153,9 @@ class TensorDataModule(L.LightningDataModule):
         batch's device."""
         if train and self.augment:
             x = random_crop_flip(x, self.padding, generator=generator)
-        return normalize(x, torch.tensor(self.mean), torch.tensor(self.std), self.scale)
+        if getattr(self, "_normalizer", None) is None:
+            self._normalizer = Normalizer(self.mean, self.std, self.scale)
+        return self._normalizer(x)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         x, y = batch
@@ -162,7 +164,11 @@ class TensorDataModule(L.LightningDataModule):
             return self.transform(x, False), y
         # the augmentation of step t on rank r: the same whenever step t is (re)run
         step = seeds.generator(
-            seeds.run_seed(trainer), "augment", trainer.global_step, trainer.global_rank
+            seeds.run_seed(trainer),
+            "augment",
+            trainer.global_step,
+            trainer.global_rank,
+            device=x.device,
         )
         return self.transform(x, True, step), y
 

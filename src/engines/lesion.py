@@ -7,6 +7,11 @@ restarts from the cached input of position p: deleting block i recomputes only t
 i; delete-many and reorder reuse the prefix before their first changed position. Every block
 after p runs exactly as in a fresh forward, so results equal naive evaluation (`reuse=False`,
 a fresh `net(x, plan)` per lesion: the reference for tests and benchmarks).
+
+`recalibrated_errors` separates stale batch-norm statistics from lost paths (issue 9): every
+plan, and the base, is tested with BN running statistics re-estimated under that plan on given
+training batches (`src/bn.py`); the weights are never touched and the statistics are restored
+after each plan. Each plan then runs a fresh forward (its statistics differ from the base's).
 """
 
 from __future__ import annotations
@@ -166,4 +171,50 @@ def lesion_errors(
     if total == 0:
         raise ConfigError("the test split is empty: nothing to evaluate lesions on")
     errors = (wrong.double() / total).tolist()
+    return errors[0], errors[1:]
+
+
+def recalibrated_errors(
+    net: Network,
+    plans: Sequence[Plan],
+    batches: Iterable[tuple[Tensor, Tensor]],
+    bn_batches: Sequence[tuple[Tensor, Tensor]],
+    base: Plan | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    description: str = "lesions (BN re-estimated)",
+) -> tuple[float, list[float]]:
+    """Test error of `net` under `base` and each plan in `plans`, each with batch-norm statistics
+    re-estimated under that plan on all of `bn_batches` ((x, y) training batches), then tested in
+    eval mode on `batches`. Deterministic given the batches; `net` is left as it was."""
+    from src.bn import recalibrated
+
+    base = FULL if base is None else base
+    check_plans(net, [base, *plans])
+    if not bn_batches:
+        raise ConfigError("bn=recalibrate needs training batches: set bn_batches >= 1")
+    was_training = net.training
+    old = next(net.parameters()).device
+    dev = old if device is None else torch.device(device)
+    with torch.inference_mode(False):
+        net.to(dev)
+    try:
+        test = [(x.to(dev), y.to(dev)) for x, y in batches]
+        train = [(x.to(dev), y.to(dev)) for x, y in bn_batches]
+        total = sum(len(y) for _, y in test)
+        if total == 0:
+            raise ConfigError("the test split is empty: nothing to evaluate lesions on")
+        errors = []
+        with _progress(progress) as bar:
+            task = bar.add_task(description, total=len(plans))
+            for k, plan in enumerate([base, *plans]):
+                with torch.inference_mode(False), recalibrated(net, plan, train, len(train)):
+                    net.eval()
+                    with torch.inference_mode():
+                        wrong = sum(int((net(x, plan).argmax(1) != y).sum()) for x, y in test)
+                errors.append(wrong / total)
+                bar.advance(task, advance=int(k > 0))
+    finally:
+        with torch.inference_mode(False):
+            net.train(was_training).to(old)
     return errors[0], errors[1:]
