@@ -4,6 +4,10 @@ and 48k iterations, 64k iterations, lr 0.01 for the first 400 iterations (ResNet
 
 The draws of training step t (the mode's plan, stochastic depth) come from (seed, t)
 (`src/seeds.py`): the same on every DDP rank, and again the same when a resumed run redoes step t.
+
+Test time follows the mode's rule (`src/training.py`): one plan (`eval_plan`), batch-norm
+statistics re-estimated before testing (`bn_batches`, `src/bn.py`), or an ensemble of plans whose
+softmax is averaged; then `test/error_m<m>` is the error of the first m members' average.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from src import seeds
+from src import bn, seeds
 from src.errors import ConfigError
 from src.models.network import Network, Plan
 from src.training import RequeueBetweenSteps, Standard, TrainingMode
@@ -39,6 +43,11 @@ class StepSchedule:
         if step < self.warmup_steps:
             return self.warmup_lr / self.lr
         return self.gamma ** sum(step >= m for m in self.milestones)
+
+
+def _log(probs: torch.Tensor) -> torch.Tensor:
+    """Logits of an averaged prediction (finite where a probability underflowed to 0)."""
+    return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
 
 
 class Classifier(L.LightningModule):
@@ -65,23 +74,64 @@ class Classifier(L.LightningModule):
         self.seed: int | None = None  # the run's seed, set in `setup`
         self.schedule = StepSchedule(lr, milestones, gamma, warmup_steps, warmup_lr)
         self.optim = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+        names = ["train_acc", "val_acc", "test_acc"]
+        names += [f"test_acc_m{m}" for m in self.mode.ensemble_sizes()]  # one per m: DDP-synced
         self.metrics = torch.nn.ModuleDict(
-            {
-                f"{s}_acc": MulticlassAccuracy(num_classes, average="micro")
-                for s in ("train", "val", "test")
-            }
+            {name: MulticlassAccuracy(num_classes, average="micro") for name in names}
         )
+        self._members: tuple[int, list[Plan]] | None = None  # (seed, ensemble plans)
 
     @property
     def eval_plan(self) -> Plan | None:
-        """The plan of the trained network at test time (what lesions start from)."""
+        """The plan of the trained network at test time (what lesions start from). A ConfigError
+        for test_mode=ensemble, which no single plan expresses (see `BlockSubset.eval_plan`)."""
         return self.mode.eval_plan(self.net.n_blocks)
 
+    def ensemble_plans(self) -> list[Plan] | None:
+        """The test-time ensemble's members (None: the mode tests one network)."""
+        seed = self.seed
+        if seed is None:  # outside a Trainer: one draw, kept
+            seed = self._members[0] if self._members else seeds.run_seed()
+        if self._members is None or self._members[0] != seed:
+            self._members = (seed, self.mode.ensemble_plans(self.net.n_blocks, seed))
+        return self._members[1]
+
     def forward(self, x: torch.Tensor, plan: Plan | None = None) -> torch.Tensor:
-        return self.net(x, plan if plan is not None else self.eval_plan)
+        """Logits of the network under `plan`, else as tested: for an ensemble, the log of the
+        members' average softmax (logits of the averaged prediction)."""
+        if plan is not None:
+            return self.net(x, plan)
+        members = self.ensemble_plans()
+        if members is None:
+            return self.net(x, self.eval_plan)
+        return _log(self._ensemble(x, members)[-1][1])
+
+    def _ensemble(self, x: torch.Tensor, members: list[Plan]) -> list[tuple[int, torch.Tensor]]:
+        """(m, average softmax of the first m members) for every reported m (the last: all)."""
+        sizes, total, out = set(self.mode.ensemble_sizes()) | {len(members)}, 0.0, []
+        for m, plan in enumerate(members, 1):
+            total = total + F.softmax(self.net(x, plan), dim=1, dtype=torch.float32)
+            if m in sizes:
+                out.append((m, total / m))
+        return out
 
     def setup(self, stage: str) -> None:
         self.seed = seeds.run_seed(self.trainer)  # every rank calls setup: a seed=null is shared
+        analyses = [c for c in self.trainer.callbacks if hasattr(c, "analyse")]
+        if analyses and self.mode.ensemble_sizes():  # refused before training, not after it
+            self.mode.eval_plan(self.net.n_blocks)  # its ConfigError names the fix
+
+    def on_test_start(self) -> None:
+        """Re-estimate batch-norm statistics for the tested network (test_mode=recalibrate):
+        the same seeded training batches on every rank, so every rank gets the same statistics.
+        They stay in place after testing (for the analyses that follow); the checkpoint that
+        `src.run` saved before testing keeps those of training."""
+        if self.mode.bn_batches:
+            seed = seeds.derive(self.seed if self.seed is not None else seeds.run_seed(), "bn")
+            data = bn.training_batches(
+                self.trainer.datamodule, self.mode.bn_batches, seed, self.device
+            )
+            bn.recalibrate(self.net, self.eval_plan, data, self.mode.bn_batches)
 
     def configure_callbacks(self):
         return [RequeueBetweenSteps()] if self.trainer.state.fn == "fit" else []
@@ -99,7 +149,15 @@ class Classifier(L.LightningModule):
 
     def _eval_step(self, batch, split: str):
         x, y = batch
-        logits = self(x)
+        members = self.ensemble_plans() if split == "test" else None
+        if members is None:
+            plan = self.eval_plan if split == "test" else self.mode.val_plan(self.net.n_blocks)
+            logits = self.net(x, plan)
+        else:
+            averages = self._ensemble(x, members)
+            for m, probs in averages:
+                self.metrics[f"test_acc_m{m}"].update(probs, y)
+            logits = _log(averages[-1][1])  # the whole ensemble's prediction
         self.metrics[f"{split}_acc"].update(logits, y)
         self.log(f"{split}/loss", F.cross_entropy(logits, y), sync_dist=True)
 
@@ -120,6 +178,11 @@ class Classifier(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._epoch_end("test")
+        for m in self.mode.ensemble_sizes():
+            metric = self.metrics[f"test_acc_m{m}"]
+            if metric.update_called:
+                self.log(f"test/error_m{m}", 1.0 - metric.compute())  # synced across ranks
+                metric.reset()
 
     def validation_step(self, batch, batch_idx: int):
         self._eval_step(batch, "val")

@@ -8,13 +8,18 @@
   unscaled);
 - `block_subset` (Sec. 5, "effective paths"): every mini-batch runs exactly k of the n blocks,
   chosen uniformly without replacement; the other n-k keep only their shortcut, in forward and
-  backward. At test time `test_mode=full` runs all blocks as trained (the paper's choice), and
-  `test_mode=rescale` multiplies every residual branch by k/n (the dropout-style expectation).
+  backward. The paper does not say how this network is tested; `test_mode` picks the rule:
+  `full` runs all blocks with the statistics of training (what the paper's Sec. 5 reads as
+  "the network"), `rescale` multiplies every residual branch by k/n (the dropout-style
+  expectation), `recalibrate` runs all blocks with batch-norm statistics re-estimated for the
+  full network on `bn_batches` training batches before testing (`src/bn.py`), and `ensemble`
+  averages the softmax of `ensemble_size` random k-subsets (Monte-Carlo, as in MC dropout), the
+  same subsets for every test batch, logging the error of the first m members for m = 1, 2, 4, ...
 
 On a network without shortcuts (`model=vgg15`) a deleted layer is the identity, as in the lesion
-study, so `block_subset` trains k of its plain layers per mini-batch (test_mode=full only: there
-is no residual branch to rescale); `stochastic_depth` is refused, since it rescales a residual
-branch that a plain layer does not have.
+study, so `block_subset` trains k of its plain layers per mini-batch and tests them with any rule
+but `rescale` (there is no residual branch to rescale); `stochastic_depth` is refused, since it
+rescales a residual branch that a plain layer does not have.
 
 The draws of `train_plan` and of the forward pass it plans (stochastic depth) use torch's global
 generator, which `Classifier.training_step` seeds from (run seed, step) for that step only: every
@@ -31,6 +36,7 @@ import threading
 import lightning as L
 import torch
 
+from src import seeds
 from src.errors import ConfigError
 from src.models.network import Network, Plan
 
@@ -45,7 +51,22 @@ class TrainingMode:
         return None
 
     def eval_plan(self, n_blocks: int) -> Plan | None:
+        """The plan of the trained network at test time (None: the full network)."""
         return None
+
+    def val_plan(self, n_blocks: int) -> Plan | None:
+        """The plan validation runs during fit (the test-time plan unless that is expensive)."""
+        return self.eval_plan(n_blocks)
+
+    def ensemble_plans(self, n_blocks: int, seed: int) -> list[Plan] | None:
+        """The members whose softmax test time averages (None: one network, `eval_plan`)."""
+        return None
+
+    def ensemble_sizes(self) -> tuple[int, ...]:
+        """Member counts m whose running-average error test time also reports."""
+        return ()
+
+    bn_batches: int = 0  # > 0: re-estimate batch-norm statistics on this many training batches
 
     def blocks_per_step(self, n_blocks: int) -> int | None:
         """Blocks every training step runs (None: it varies from step to step)."""
@@ -88,10 +109,27 @@ class StochasticDepth(TrainingMode):
 
 
 class BlockSubset(TrainingMode):
-    def __init__(self, k: int = 23, test_mode: str = "full"):
-        if test_mode not in ("full", "rescale"):
-            raise ConfigError(f"training.test_mode must be 'full' or 'rescale', got {test_mode!r}")
+    TEST_MODES = ("full", "rescale", "recalibrate", "ensemble")
+
+    def __init__(
+        self,
+        k: int = 23,
+        test_mode: str = "full",
+        bn_batches: int = 50,
+        ensemble_size: int = 16,
+    ):
+        if test_mode not in self.TEST_MODES:
+            raise ConfigError(
+                f"training.test_mode must be one of {', '.join(self.TEST_MODES)}, got {test_mode!r}"
+            )
+        if int(bn_batches) < 1 or int(ensemble_size) < 1:
+            raise ConfigError(
+                "training.bn_batches and training.ensemble_size must be positive, got "
+                f"{bn_batches} and {ensemble_size}"
+            )
         self.k, self.test_mode = int(k), test_mode
+        self.ensemble_size = int(ensemble_size)
+        self.bn_batches = int(bn_batches) if test_mode == "recalibrate" else 0
 
     def check(self, net: Network) -> None:
         n_blocks = net.n_blocks
@@ -102,7 +140,8 @@ class BlockSubset(TrainingMode):
         if self.test_mode == "rescale" and not all(b.has_shortcut for b in net.blocks):
             raise ConfigError(
                 "training.test_mode=rescale scales residual branches, but this model has plain "
-                "layers without a shortcut (as in model=vgg15): use training.test_mode=full"
+                "layers without a shortcut (as in model=vgg15): use training.test_mode=full, "
+                "recalibrate or ensemble"
             )
 
     def train_plan(self, n_blocks: int) -> Plan:
@@ -113,9 +152,50 @@ class BlockSubset(TrainingMode):
         return self.k
 
     def eval_plan(self, n_blocks: int) -> Plan | None:
+        """full and recalibrate: the full network (recalibrate with its re-estimated statistics
+        in place once testing started); rescale: residual branches x k/n.
+
+        ensemble: refused with a ConfigError. Lesion studies and gradient paths start from this
+        one plan, and their baseline is meant to be the network whose test error the run
+        reports; answering the full network would give them a baseline that silently differs
+        from the ensemble's test error. A researcher who wants the full network's lesions tests
+        the same checkpoint with training.test_mode=full (`train=false ckpt_path=...`)."""
+        if self.test_mode == "ensemble":
+            raise ConfigError(
+                "training.test_mode=ensemble averages several block subsets, which no single plan "
+                "expresses, so lesion studies and gradient paths cannot start from it: run them "
+                "on the checkpoint with training.test_mode=full, rescale or recalibrate"
+            )
         if self.test_mode == "rescale":
             return Plan(residual_scale=self.k / n_blocks)
         return None
+
+    def val_plan(self, n_blocks: int) -> Plan | None:
+        """Validation during fit runs one network: the full one for ensemble (and recalibrate,
+        with the statistics of training), the test-time plan for full and rescale."""
+        return None if self.test_mode == "ensemble" else self.eval_plan(n_blocks)
+
+    def ensemble_plans(self, n_blocks: int, seed: int) -> list[Plan] | None:
+        """test_mode=ensemble: member m runs the k blocks of a permutation drawn from its own
+        generator (run seed, "ensemble", m), so the first m members do not depend on M."""
+        if self.test_mode != "ensemble":
+            return None
+        plans = []
+        for m in range(self.ensemble_size):
+            g = seeds.generator(seed, "ensemble", m)
+            keep = torch.randperm(n_blocks, generator=g)[: self.k].tolist()
+            plans.append(Plan(deleted=frozenset(range(n_blocks)) - frozenset(keep)))
+        return plans
+
+    def ensemble_sizes(self) -> tuple[int, ...]:
+        """1, 2, 4, ... up to ensemble_size, and ensemble_size itself."""
+        if self.test_mode != "ensemble":
+            return ()
+        m, sizes = 1, []
+        while m < self.ensemble_size:
+            sizes.append(m)
+            m *= 2
+        return (*sizes, self.ensemble_size)
 
 
 class RequeueBetweenSteps(L.Callback):
