@@ -73,6 +73,7 @@ def run_facts(cfg: DictConfig, choices: dict, net, mode) -> dict:
         "training": choices.get("training"),
         "n_blocks": net.n_blocks,
         "k": mode.blocks_per_step(net.n_blocks),
+        "test_mode": getattr(mode, "test_mode", None),  # block_subset's test-time rule
         "seed": cfg.get("seed"),
         "run_id": wandb_id(cfg.paths.output_dir),
     }
