@@ -128,64 +128,77 @@ def headline(study: str, t: pd.DataFrame) -> str:
 
 
 def effective_paths(runs: pd.DataFrame, out: Path, alpha: float) -> list[str]:
-    """Sec. 5 (block-subset vs full training) when the runs hold both arms; report lines."""
+    """Sec. 5 (block-subset vs full training) when the runs hold both arms: every block-subset
+    checkpoint tested under each rule it was tested with (test_mode) is an arm of its own, paired
+    with full training by seed. Report lines."""
     needed = {"training", "k", "n_blocks", "test_error", "seed"}
     if not needed <= set(runs) or not runs.training.isin(["block_subset"]).any():
         return []
     arms = runs[runs.training.isin(["block_subset", "standard"])].copy()
-    arms["arm"] = [stats.arm(t, k, n) for t, k, n in zip(arms.training, arms.k, arms.n_blocks)]
+    modes = arms.test_mode if "test_mode" in arms else pd.Series([None] * len(arms), arms.index)
+    arms["arm"] = [
+        stats.arm(t, k, n, m) for t, k, n, m in zip(arms.training, arms.k, arms.n_blocks, modes)
+    ]
     try:
         res = stats.compare_arms(arms, alpha)
     except ConfigError as err:
         return ["", "## Sec. 5: effective-path training", "", f"Not compared: {err}."]
     steps = sorted(int(s) for s in arms.get("global_step", pd.Series([-1])).unique())
     res |= {"steps": steps, "same_step_budget": len(steps) == 1}
-    columns = ["run_dir", "arm", "seed", "test_error"]
-    results.write_json(
-        out / "effective_paths.json", {**res, "runs": arms[columns].to_dict("records")}
-    )
-    md = effective_paths_markdown(arms[columns], res)
+    ensemble = sorted((c for c in arms if c.startswith("test_error_m")), key=lambda c: int(c[12:]))
+    columns = ["run_dir", "arm", "seed", "test_error", *ensemble]
+    records = arms[columns].astype(object).where(arms[columns].notna(), None)
+    results.write_json(out / "effective_paths.json", {**res, "runs": records.to_dict("records")})
+    md = effective_paths_markdown(arms[columns], res, ensemble)
     results.atomic_write(out / "effective_paths.md", md)
     results.save_figure(figures.effective_paths(arms, res), out / "effective_paths.png")
-    return [
-        "",
-        *md.splitlines()[0:1],
-        "",
-        "![effective paths](effective_paths.png)",
-        "",
-        *md.splitlines()[2:],
-    ]
+    lines = md.splitlines()
+    return ["", lines[0], "", "![effective paths](effective_paths.png)", "", *lines[2:]]
 
 
-def effective_paths_markdown(runs: pd.DataFrame, res: dict) -> str:
-    sub = res["subset_arm"]
+def _p(test: dict | None) -> str:
+    if not test or test["p_value"] is None:
+        return "-"
+    return f"{test['p_value']:.4f}"
+
+
+def effective_paths_markdown(runs: pd.DataFrame, res: dict, ensemble: list[str]) -> str:
+    full = res["arms"][stats.FULL]
     lines = [
         "## Sec. 5: effective-path training",
         "",
-        f"Block-subset training ({sub} blocks per mini-batch) vs full training, "
-        f"steps per run: {res['steps']}.",
+        "Block-subset training (k of n blocks per mini-batch), tested under each rule it was "
+        f"tested with, against full training; steps per run: {res['steps']}. p-values of the "
+        f"difference from full training (alpha={res['alpha']}).",
         "",
-        "| arm | runs | mean test error | std |",
-        "|---|---|---|---|",
+        "| arm | runs | mean test error | std | subset - full | Welch p | paired t p | "
+        "Wilcoxon p | significant |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| full | {full['runs']} | {full['mean_error']:.4f} | {full['std_error']:.4f} | | | | | |",
     ]
-    for a, s in res["arms"].items():
-        lines.append(f"| {a} | {s['runs']} | {s['mean_error']:.4f} | {s['std_error']:.4f} |")
-    lines += ["", "| test | statistic | p-value |", "|---|---|---|"]
-    for name in ("welch_t", "paired_t", "wilcoxon"):
-        if name in res:
-            t = res[name]
-            stat = "nan" if t["statistic"] is None else f"{t['statistic']:.3f}"
-            pv = "nan" if t["p_value"] is None else f"{t['p_value']:.4f}"
-            lines.append(f"| {name} | {stat} | {pv} |")
-    verdict = "a" if res["significant"] else "no"
+    for a, c in res["comparisons"].items():
+        s = res["arms"][a]
+        lines.append(
+            f"| {a} | {s['runs']} | {s['mean_error']:.4f} | {s['std_error']:.4f} "
+            f"| {c['difference_subset_minus_full']:+.4f} | {_p(c['welch_t'])} "
+            f"| {_p(c.get('paired_t'))} | {_p(c.get('wilcoxon'))} "
+            f"| {'yes' if c['significant'] else 'no'} |"
+        )
+    if ensemble:  # Monte-Carlo ensembles: error against the number of members
+        ms = [c[12:] for c in ensemble]
+        lines += [
+            "",
+            "Monte-Carlo ensembles of random k-subsets: mean test error over seeds against the "
+            "number of members M.",
+            "",
+            "| arm | " + " | ".join(f"M={m}" for m in ms) + " |",
+            "|---|" + "---|" * len(ms),
+        ]
+        for a, g in runs.dropna(subset=ensemble[:1]).groupby("arm"):
+            lines.append(f"| {a} | " + " | ".join(f"{g[c].mean():.4f}" for c in ensemble) + " |")
+    lines += ["", "| run | arm | seed | test error |", "|---|---|---|---|"]
     lines += [
-        "",
-        f"Difference (subset - full): {res['difference_subset_minus_full']:+.4f}; "
-        f"{verdict} statistically significant difference at alpha={res['alpha']} (Welch).",
-        "",
-        "| run | arm | seed | test error |",
-        "|---|---|---|---|",
-        *(f"| {r.run_dir} | {r.arm} | {r.seed} | {r.test_error:.4f} |" for r in runs.itertuples()),
+        f"| {r.run_dir} | {r.arm} | {r.seed} | {r.test_error:.4f} |" for r in runs.itertuples()
     ]
     return "\n".join(lines) + "\n"
 

@@ -65,8 +65,10 @@ def build(cfg: DictConfig, list_key: str) -> list:
     ]
 
 
-def run_facts(cfg: DictConfig, choices: dict, net, mode) -> dict:
-    """What was run, for metrics.json: a results folder reads without its `.hydra/`."""
+def run_facts(cfg: DictConfig, choices: dict, net, mode, seed) -> dict:
+    """What was run, for metrics.json: a results folder reads without its `.hydra/`. `seed`: the
+    seed the network was trained with (a checkpoint's own, when one is analysed), so that runs
+    testing one checkpoint in several ways pair with it."""
     return {
         "model": choices.get("model"),
         "data": choices.get("data"),
@@ -74,7 +76,7 @@ def run_facts(cfg: DictConfig, choices: dict, net, mode) -> dict:
         "n_blocks": net.n_blocks,
         "k": mode.blocks_per_step(net.n_blocks),
         "test_mode": getattr(mode, "test_mode", None),  # block_subset's test-time rule
-        "seed": cfg.get("seed"),
+        "seed": seed,
         "run_id": wandb_id(cfg.paths.output_dir),
     }
 
@@ -87,13 +89,14 @@ def train(cfg: DictConfig) -> dict:
     validate(cfg)
     refuse_to_overwrite(output_dir, resuming=bool(cfg.resume) or requeued())
     choices = dict(HydraConfig.get().runtime.choices)
-    ckpt = None
+    ckpt, trained_seed = None, cfg.get("seed")
     if not cfg.train:
         ckpt = checkpoint.load(cfg.ckpt_path)
         if checkpoint.KEY in ckpt:  # rebuild the run that wrote it
             saved = ckpt[checkpoint.KEY]
             checkpoint.adopt(cfg, saved, list(HydraConfig.get().overrides.task), cfg.ckpt_path)
             choices.update({g: saved["choices"].get(g) for g in checkpoint.GROUPS})
+            trained_seed = saved.get("seed", trained_seed)
     if cfg.seed is not None:
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = instantiate(cfg.data, _convert_="all")
@@ -105,7 +108,7 @@ def train(cfg: DictConfig) -> dict:
     )
     mode = instantiate(cfg.training)
     module = Classifier(net, mode=mode, num_classes=datamodule.num_classes, **cfg.optim)
-    module.facts = run_facts(cfg, choices, net, mode)  # the metadata columns of every table
+    module.facts = run_facts(cfg, choices, net, mode, trained_seed)  # every table's metadata
     ddp_ranks_join_this_job()
     callbacks = build(cfg, "callbacks")
     if cfg.train:

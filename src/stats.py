@@ -128,27 +128,33 @@ def total_gradient(n: int, lengths: Sequence[int], mean_norms: Sequence[float]) 
 FULL = "full"
 
 
-def arm(training: str | None, k, n_blocks) -> str:
-    """'full' for standard training (or k = n, every block every step), else 'k=<k>/<n>'."""
+def arm(training: str | None, k, n_blocks, test_mode: str | None = None) -> str:
+    """'full' for standard training (or k = n, every block every step), else 'k=<k>/<n>', with
+    the test-time rule when it is not the paper's (all blocks as trained): 'k=23/54 rescale'."""
     if training == "standard" or (k is not None and n_blocks is not None and k == n_blocks):
         return FULL
-    return f"k={k}/{n_blocks}"
+    rule = "" if test_mode in (None, "full") or _missing(test_mode) else f" {test_mode}"
+    return f"k={k}/{n_blocks}{rule}"
+
+
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA
 
 
 def compare_arms(runs: pd.DataFrame, alpha: float = 0.05, value: str = "test_error") -> dict:
-    """Test error of the block-subset arm against the full arm: Welch's t-test (primary, two
-    independent samples), and where both arms share seeds (same initial weights and data order)
-    the paired t-test and Wilcoxon's signed-rank test. `runs` needs columns arm, seed, `value`."""
+    """Test error of every block-subset arm (one per test-time rule) against the full arm:
+    Welch's t-test (primary: two independent samples), and where both arms share seeds (same
+    initial weights and data order) the paired t-test and Wilcoxon's signed-rank test.
+    `runs` needs columns arm, seed and `value`."""
     from src.errors import ConfigError
 
     arms = sorted(runs.arm.unique())
-    subset = [a for a in arms if a != FULL]
-    if FULL not in arms or len(subset) != 1:
+    subsets = [a for a in arms if a != FULL]
+    if FULL not in arms or not subsets:
         raise ConfigError(
-            f"found arms {arms}: need finished runs of exactly one block_subset k and full training"
+            f"found arms {arms}: need finished runs of full training and of block_subset training"
         )
-    sub = subset[0]
-    err = {a: runs.loc[runs.arm == a, value].astype(float).tolist() for a in (sub, FULL)}
+    err = {a: runs.loc[runs.arm == a, value].astype(float).tolist() for a in [FULL, *subsets]}
     if min(len(v) for v in err.values()) < 2:
         raise ConfigError("need at least 2 seeds per arm for a significance test: add seeds")
     out = {
@@ -161,27 +167,30 @@ def compare_arms(runs: pd.DataFrame, alpha: float = 0.05, value: str = "test_err
             }
             for a, v in err.items()
         },
-        "subset_arm": sub,
         "value": value,
-        "difference_subset_minus_full": float(np.mean(err[sub]) - np.mean(err[FULL])),
         "alpha": alpha,
+        "comparisons": {},
     }
-    welch = stats.ttest_ind(err[sub], err[FULL], equal_var=False)
-    out["welch_t"] = {"statistic": _num(welch.statistic), "p_value": _num(welch.pvalue)}
-    paired = runs.pivot_table(index="seed", columns="arm", values=value, aggfunc="first").dropna()
-    if len(paired) >= 2:
-        a, b = paired[sub].astype(float), paired[FULL].astype(float)
-        t = stats.ttest_rel(a, b)
-        out["paired_t"] = {
-            "seeds": len(paired),
-            "statistic": _num(t.statistic),
-            "p_value": _num(t.pvalue),
-        }
-        if (a != b).any():
-            w = stats.wilcoxon(a, b)
-            out["wilcoxon"] = {"statistic": _num(w.statistic), "p_value": _num(w.pvalue)}
-    p = out["welch_t"]["p_value"]
-    out["significant"] = p is not None and p < alpha
+    by_seed = runs.pivot_table(index="seed", columns="arm", values=value, aggfunc="first")
+    for sub in subsets:
+        c = {"difference_subset_minus_full": float(np.mean(err[sub]) - np.mean(err[FULL]))}
+        welch = stats.ttest_ind(err[sub], err[FULL], equal_var=False)
+        c["welch_t"] = {"statistic": _num(welch.statistic), "p_value": _num(welch.pvalue)}
+        paired = by_seed[[sub, FULL]].dropna()
+        if len(paired) >= 2:
+            a, b = paired[sub].astype(float), paired[FULL].astype(float)
+            t = stats.ttest_rel(a, b)
+            c["paired_t"] = {
+                "seeds": len(paired),
+                "statistic": _num(t.statistic),
+                "p_value": _num(t.pvalue),
+            }
+            if (a != b).any():
+                w = stats.wilcoxon(a, b)
+                c["wilcoxon"] = {"statistic": _num(w.statistic), "p_value": _num(w.pvalue)}
+        p = c["welch_t"]["p_value"]
+        c["significant"] = p is not None and p < alpha
+        out["comparisons"][sub] = c
     return out
 
 

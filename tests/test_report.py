@@ -156,7 +156,7 @@ def test_report_cli_and_bad_input(tmp_path):
         assert res.stderr.startswith("error: ") and "outputs/" in res.stderr
 
 
-def arms_sweep(root, errors: dict[str, list[float]], k_full: bool = False):
+def arms_sweep(root, errors: dict[str, list[float]], k_full: bool = False, test_mode="full"):
     """A Sec. 5 multirun: one job per (arm, seed), as metrics.json records it."""
     job = 0
     for arm, errs in errors.items():
@@ -166,6 +166,7 @@ def arms_sweep(root, errors: dict[str, list[float]], k_full: bool = False):
                 training = "block_subset"  # k = n: every block every step
             metrics = {"test_error": err, "global_step": 400, "training": training, "k": k}
             metrics |= {"n_blocks": 9, "seed": seed, "model": "resnet20"}
+            metrics |= {"test_mode": test_mode if training == "block_subset" else None}
             fake_run(root / str(job), [f"training={training}", f"seed={seed}"], metrics, {})
             job += 1
     return root
@@ -178,33 +179,60 @@ def test_effective_paths_compares_arms(tmp_path, k_full):
     rep.report(tmp_path)
     out = tmp_path / "report"
     res = json.loads((out / "effective_paths.json").read_text())
-    assert sorted(res["arms"]) == ["full", "k=4/9"]
-    assert res["welch_t"]["p_value"] == pytest.approx(
+    assert list(res["arms"]) == ["full", "k=4/9"] and list(res["comparisons"]) == ["k=4/9"]
+    c = res["comparisons"]["k=4/9"]
+    assert c["welch_t"]["p_value"] == pytest.approx(
         stats.ttest_ind(sub, full, equal_var=False).pvalue
     )
-    assert res["paired_t"]["p_value"] == pytest.approx(stats.ttest_rel(sub, full).pvalue)
-    assert res["wilcoxon"]["p_value"] == pytest.approx(stats.wilcoxon(sub, full).pvalue)
-    assert res["difference_subset_minus_full"] == pytest.approx(sum(sub) / 4 - sum(full) / 4)
-    assert res["significant"] and res["same_step_budget"]
+    assert c["paired_t"]["p_value"] == pytest.approx(stats.ttest_rel(sub, full).pvalue)
+    assert c["wilcoxon"]["p_value"] == pytest.approx(stats.wilcoxon(sub, full).pvalue)
+    assert c["difference_subset_minus_full"] == pytest.approx(sum(sub) / 4 - sum(full) / 4)
+    assert c["significant"] and res["same_step_budget"]
     assert sorted((r["arm"], r["seed"], r["test_error"]) for r in res["runs"]) == sorted(
         [("k=4/9", s, e) for s, e in enumerate(sub)] + [("full", s, e) for s, e in enumerate(full)]
     )
     md = (out / "effective_paths.md").read_text()
-    assert f"| k=4/9 | 4 | {sum(sub) / 4:.4f} | {stats.tstd(sub):.4f} |" in md
     assert f"| full | 4 | {sum(full) / 4:.4f} | {stats.tstd(full):.4f} |" in md
+    diff = sum(sub) / 4 - sum(full) / 4
+    row = f"| k=4/9 | 4 | {sum(sub) / 4:.4f} | {stats.tstd(sub):.4f} | {diff:+.4f} |"
+    assert row in md and md.split(row)[1].split("\n")[0].endswith("| yes |")
     for r in res["runs"]:  # one row per job
         assert f"| {r['run_dir']} | {r['arm']} | {r['seed']} | {r['test_error']:.4f} |" in md
     assert "## Sec. 5" in (out / "report.md").read_text()
-    dots = {"subset": ("C0", 0.6), "full": ("C1", 0.6)}
+    dots = {"full": ("C0", 0.6), "subset": ("C1", 0.6)}
     px = colour_pixels(out / "effective_paths.png", (4, 3.2), dots)
     assert px["subset"] > 50 and px["full"] > 50
+
+
+def test_effective_paths_one_arm_per_test_rule(tmp_path):
+    """Checkpoints tested under several rules (train=false runs, each with the checkpoint's own
+    seed) become arms of their own, each compared with full training; ensembles get error vs M."""
+    full = [0.08, 0.09, 0.085]
+    arms_sweep(tmp_path / "sweep", {"subset": [0.5, 0.6, 0.55], "full": full})
+    arms_sweep(tmp_path / "rescale", {"subset": [0.081, 0.092, 0.086]}, test_mode="rescale")
+    ens = arms_sweep(tmp_path / "ensemble", {"subset": [0.2, 0.3, 0.25]}, test_mode="ensemble")
+    for job, m1 in zip(sorted(ens.iterdir()), (0.4, 0.5, 0.45)):
+        metrics = json.loads((job / "metrics.json").read_text())
+        metrics |= {"test_error_m1": m1, "test_error_m2": m1 - 0.1}
+        (job / "metrics.json").write_text(json.dumps(metrics))
+    rep.report(tmp_path)
+    res = json.loads((tmp_path / "report" / "effective_paths.json").read_text())
+    assert sorted(res["comparisons"]) == ["k=4/9", "k=4/9 ensemble", "k=4/9 rescale"]
+    assert res["comparisons"]["k=4/9"]["significant"]
+    rescale = res["comparisons"]["k=4/9 rescale"]
+    assert not rescale["significant"] and rescale["paired_t"]["seeds"] == 3
+    assert rescale["paired_t"]["p_value"] == pytest.approx(
+        stats.ttest_rel([0.081, 0.092, 0.086], full).pvalue
+    )
+    md = (tmp_path / "report" / "effective_paths.md").read_text()
+    assert "| M=1 | M=2 |" in md and "| k=4/9 ensemble | 0.4500 | 0.3500 |" in md
 
 
 def test_effective_paths_needs_two_arms_and_seeds(tmp_path):
     arms_sweep(tmp_path / "same", {"subset": [0.1, 0.2, 0.15], "full": [0.2, 0.1, 0.15]})
     rep.report(tmp_path / "same")
     res = json.loads((tmp_path / "same" / "report" / "effective_paths.json").read_text())
-    assert not res["significant"] and res["arms"]["full"]["runs"] == 3
+    assert not res["comparisons"]["k=4/9"]["significant"] and res["arms"]["full"]["runs"] == 3
     arms_sweep(tmp_path / "few", {"subset": [0.1], "full": [0.2]})
     md = rep.report(tmp_path / "few").read_text()
     assert "Not compared: need at least 2 seeds per arm" in md
