@@ -109,6 +109,14 @@ def test_fashion_mnist_splits_and_images_are_torchvisions(fashion_cache):
             img, target = tv[i]  # a PIL image, as torchvision returns it
             assert target == label == ys[i]
             assert np.array_equal(np.asarray(img), xs[i, 0].numpy())
+    # test_size: the first n test images, every class among them
+    head = FashionMNISTDataModule(cache_dir=str(fashion_cache), test_size=2000)
+    head.setup()
+    xt, yt = head.splits["test"].tensors
+    assert len(yt) == 2000 and torch.equal(xt, full.splits["test"].tensors[0][:2000])
+    assert torch.bincount(yt, minlength=10).min() > 150
+    with pytest.raises(ConfigError, match="test_size"):
+        FashionMNISTDataModule(test_size=0)
 
 
 @needs_fashion_mnist

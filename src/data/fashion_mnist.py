@@ -31,8 +31,10 @@ def _raw(root: Path) -> Path:
 
 class FashionMNISTDataModule(TensorDataModule):
     """Fashion-MNIST held as uint8 tensors: 60k training images (of which `val_size` are held out
-    for validation, chosen by a fixed generator; 0: validate on the test set) and 10k test images.
-    Augmentation (`augment`) is CIFAR's: zero-pad, random 28x28 crop, horizontal flip."""
+    for validation, chosen by a fixed generator; 0: validate on the test set) and 10k test images
+    (`test_size`: the first n of them, for faster lesion sweeps on a CPU; the 10k are in random
+    class order). Augmentation (`augment`) is CIFAR's: zero-pad, random 28x28 crop, horizontal
+    flip."""
 
     scale, channels, num_classes = 255.0, 1, 10
     mean, std = (0.2860,), (0.3530,)  # of the 60k training images, in [0, 1] units
@@ -43,11 +45,17 @@ class FashionMNISTDataModule(TensorDataModule):
         cache_dir: str = "data",
         val_size: int = 5000,
         augment: bool = True,
+        test_size: int | None = None,
         **kwargs,
     ):
         super().__init__(augment=augment, **kwargs)
         if not 0 <= val_size < 60000:
             raise ConfigError(f"data.val_size must lie in [0, 60000), got {val_size}")
+        if test_size is not None and not 0 < test_size <= 10000:
+            raise ConfigError(
+                f"data.test_size must lie in 1..10000 (or null: all), got {test_size}"
+            )
+        self.test_size = test_size
         self.data_dir, self.cache_dir = Path(data_dir).expanduser(), Path(cache_dir).expanduser()
         self.val_size = val_size
 
@@ -105,5 +113,6 @@ class FashionMNISTDataModule(TensorDataModule):
 
         root = str(self._root())
         train, test = FashionMNIST(root, train=True), FashionMNIST(root, train=False)
-        test = TensorDataset(test.data[:, None], test.targets)
+        n = self.test_size or len(test.targets)
+        test = TensorDataset(test.data[:n, None], test.targets[:n])
         self.splits = held_out_splits(train.data[:, None], train.targets, test, self.val_size)
