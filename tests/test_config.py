@@ -113,10 +113,13 @@ def test_optim_and_preset(tmp_path):
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))
-@pytest.mark.parametrize("preset", [None, "quick"])
+@pytest.mark.parametrize("preset", [None, "quick", "medium"])
 def test_experiments_compose(experiment, preset, tmp_path):
     overrides = [f"experiment={experiment}"] + ([f"preset={preset}"] if preset else [])
     cfg = compose_cfg(overrides, tmp_path)
     if preset == "quick":
         assert cfg.data._target_.endswith("DigitsDataModule")
         assert cfg.trainer.accelerator == "cpu"
+    if preset == "medium":
+        assert cfg.data._target_.endswith("FashionMNISTDataModule") and cfg.data.test_size == 2000
+        assert cfg.trainer.max_steps == 700 and list(cfg.optim.milestones) == [350, 525]
