@@ -14,7 +14,10 @@ confidence interval. Writes into `<out>` (default `<dir>/report/`): `report.md` 
 claim beside our measured value and its spread), one figure per analysis (`delete_single.png`,
 `delete_many.png`, `reorder.png`, `gradient_paths.png`), `tables.parquet` (every table, one
 DataFrame), and for a sweep of block-subset vs full training (paper Sec. 5)
-`effective_paths.{md,json,png}` with Welch's, the paired t- and Wilcoxon's tests.
+`effective_paths.{md,json,png}` with Welch's, the paired t- and Wilcoxon's tests, and the claims
+table (`claims.csv`, and in report.md): each of the paper's claims beside what the folder measured,
+one column per data set, with a verdict (src/claims.py). Point it at `outputs/` to see every data
+set side by side.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from pathlib import Path
 import pandas as pd
 
 from src import figures, results, stats
+from src.claims import markdown as markdown_claims
+from src.claims import table as claims_table
 from src.errors import ConfigError
 
 REPLICATE_KEYS = {"seed"}
@@ -249,6 +254,16 @@ def report(path: str | Path, out: str | Path | None = None, alpha: float = 0.05)
             lines.append(f"| {group} | {g.run_dir.nunique()} | {headline(s.name, g)} |")
     if not runs.empty:
         lines += effective_paths(runs, out, alpha)
+    claims = claims_table(runs, tables)
+    results.atomic_write(out / "claims.csv", claims.to_csv(index=False, lineterminator="\n"))
+    lines += [
+        "",
+        "## Claims",
+        "",
+        f"Rules: {'; '.join(f'{f}: {t}' for f, t in zip(claims.figure, claims.test))}.",
+        "",
+    ]
+    lines += markdown_claims(claims)
     return results.atomic_write(out / "report.md", "\n".join(lines) + "\n")
 
 

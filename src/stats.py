@@ -108,7 +108,7 @@ def total_gradient(n: int, lengths: Sequence[int], mean_norms: Sequence[float]) 
     """Fig 6c: C(n, k) x mean norm per measured length, as log10 and as a share of their sum.
     Counts reach 2^54, so the products are formed in log space (math.log of exact ints)."""
     logs = [
-        math.log(comb(n, int(k))) + math.log(g) if g > 0 else -math.inf
+        math.log(comb(n, int(k))) + math.log(g) if g > 0 and comb(n, int(k)) else -math.inf
         for k, g in zip(lengths, mean_norms)
     ]
     top = max(logs)

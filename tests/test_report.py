@@ -30,7 +30,8 @@ def fake_run(job, overrides: list[str], metrics: dict, tables: dict[str, list[di
     (job / ".hydra").mkdir(parents=True)
     (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     (job / "metrics.json").write_text(json.dumps(metrics))
-    meta = {k: metrics.get(k) for k in ("model", "training", "n_blocks", "k", "seed", "run_id")}
+    keys = ("model", "data", "training", "n_blocks", "k", "seed", "run_id")
+    meta = {k: metrics.get(k) for k in keys}
     for study, rows in tables.items():
         results.write_table(job / "analysis" / study, results.tidy(study, rows, meta))
 
@@ -61,7 +62,7 @@ def fake_sweep(root):
                     for n in range(1, 5)
                 ]
             metrics = {"test_error": base, "global_step": 9, "model": model, "seed": seed}
-            metrics |= {"training": "standard", "n_blocks": 3, "k": 3, "run_id": f"r{num}"}
+            metrics |= {"training": "standard", "n_blocks": 4, "k": 4, "run_id": f"r{num}"}
             overrides = ["experiment=delete_many", f"model={model}", f"seed={seed}"]
             fake_run(root / str(num), overrides, metrics, tables)
             num += 1
@@ -118,6 +119,7 @@ def test_report_writes_figures_and_summary(tmp_path):
     out = sweep / "report"
     assert {p.name for p in out.iterdir()} == {
         "report.md",
+        "claims.csv",
         "tables.parquet",
         "delete_many.png",
         "delete_single.png",
@@ -133,14 +135,17 @@ def test_report_writes_figures_and_summary(tmp_path):
     assert colour_pixels(out / "delete_many.png", sizes["delete_many"], curves)["band"] > 1000
     md = (out / "report.md").read_text()
     assert "6 finished runs" in md and "groups: model=resnet110, model=vgg15" in md
-    assert "**Paper:**" in md and "Fig. 5b" not in md
+    assert "**Paper:**" in md and "## Fig. 5b" not in md
+    claims = pd.read_csv(out / "claims.csv").set_index("figure")  # no data set named: one column
+    assert claims.loc["Fig. 6b", "measured"] == "x0.500 per block entered (3 runs)"
+    assert claims.loc["Fig. 5b", "measured"] == "not measured"
     # test error of resnet110 over seeds 0..2: 7.00% ± t(0.975, 2) * 1% / sqrt(3)
     half = stats.t.ppf(0.975, 2) * 1.0 / math.sqrt(3)
     assert f"| model=resnet110 | 3 | 7.00% ± {half:.2f} pp | 6.00% | 8.00% |" in md
     # delete_single: non-downsampling blocks are 2 pp above each job's own baseline
     assert "(non-downsampling blocks): 2.00% ± 0.00 pp" in md
     assert "factor 0.500 per block" in md  # gradient norm halves per block of path length
-    assert "Sec. 5" not in md  # no block-subset runs
+    assert "## Sec. 5" not in md  # no block-subset runs
 
 
 def test_report_cli_and_bad_input(tmp_path):
@@ -238,6 +243,50 @@ def test_effective_paths_needs_two_arms_and_seeds(tmp_path):
     assert "Not compared: need at least 2 seeds per arm" in md
     with pytest.raises(ConfigError, match="alpha"):
         rep.report(tmp_path / "few", alpha=1.5)
+
+
+def test_claims_table_per_data_set(tmp_path):
+    """The claims table: measured values from the tables, one column per data set, verdicts by
+    the stated rules; a data set without a study says so."""
+    job = 0
+
+    def run(data, model, rows, study="delete_single", **facts):
+        nonlocal job
+        metrics = {"test_error": rows[0]["baseline"], "model": model, "seed": 0, "data": data}
+        metrics |= {"training": "standard", "n_blocks": len(rows), "k": len(rows)} | facts
+        fake_run(tmp_path / f"{data}_{job}", [f"model={model}"], metrics, {study: rows})
+        job += 1
+
+    def single(errors, base, down=(1,)):
+        return [
+            {"block": b, "stage": 0, "downsampling": b in down, "error": e, "baseline": base}
+            for b, e in enumerate(errors)
+        ]
+
+    run("digits", "resnet110", single([0.03, 0.4, 0.031, 0.05], 0.025))
+    run("digits", "vgg15", single([0.85, 0.9, 0.88], 0.011, down=()))
+    run("fashion_mnist", "resnet110", single([0.2, 0.5, 0.3, 0.25], 0.1))
+    many = [
+        {"k": k, "trial": 0, "deleted": "", "error": 0.05 + 0.04 * k, "baseline": 0.05}
+        for k in range(6)
+    ]
+    run("digits", "resnet110", many, study="delete_many")
+    rep.report(tmp_path)
+    claims = pd.read_csv(tmp_path / "report" / "claims.csv").set_index("figure")
+    assert list(claims.columns) == ["paper", "test", "digits", "fashion_mnist", "verdict"]
+    # ResNet: median rise over blocks 0, 2, 3 = 0.031 - 0.025 on digits, 0.25 - 0.1 on Fashion
+    assert claims.loc["Fig. 3/4", "digits"].startswith("median rise +0.6 pp (1 runs)")
+    assert "downsampling blocks up to +37.5 pp" in claims.loc["Fig. 3/4", "digits"]
+    assert claims.loc["Fig. 3/4", "fashion_mnist"].startswith("median rise +15.0 pp")
+    assert claims.loc["Fig. 3/4", "verdict"] == "digits: holds; fashion_mnist: fails"
+    vgg = claims.loc[claims.paper.str.contains("VGG")].iloc[0]
+    assert vgg.digits == "every deletion: error >= 85.0% (chance 90%)"
+    assert vgg.fashion_mnist == "not measured" and vgg.verdict == "digits: holds; -"
+    assert "largest step +4.0 pp" in claims.loc["Fig. 5a", "digits"]
+    assert claims.loc["Fig. 5a", "verdict"].startswith("digits: holds")
+    assert claims.loc["Sec. 5", "digits"] == "not measured"
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "## Claims" in md and "| figure | paper | digits | fashion_mnist | verdict |" in md
 
 
 def test_figures_leave_the_matplotlib_backend_alone():

@@ -71,7 +71,7 @@ class LMBranch(Block):
     def __init__(self, norm: nn.Module, fn: nn.Module, kind: str, index: int, context):
         super().__init__()
         self.norm, self.fn = norm, fn
-        self.kind, self.layer = kind, index
+        self.kind, self.layer_index = kind, index
         self.context = context
 
     def shortcut(self, h: Tensor) -> Tensor:

@@ -35,7 +35,7 @@ class Block(nn.Module):
     has_shortcut: bool = True
     downsampling: bool = False
     stage: int = 0
-    layer: int | None = None  # transformers: the layer this sub-layer block belongs to
+    layer_index: int | None = None  # transformers: the layer this sub-layer block belongs to
     kind: str | None = None  # transformers: "attn", "mlp" or "layer"
 
     def shortcut(self, x: Tensor) -> Tensor:
@@ -132,7 +132,7 @@ class Network(nn.Module):
         for i, b in enumerate(self.blocks):
             row = {"block": i, "stage": b.stage, "downsampling": b.downsampling}
             if b.kind is not None:
-                row.update(layer=b.layer, kind=b.kind)
+                row.update(layer=b.layer_index, kind=b.kind)
             rows.append(row)
         return rows
 

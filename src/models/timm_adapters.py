@@ -74,7 +74,7 @@ class ViTBranch(Block):
         k = 1 if kind == "attn" else 2
         self.norm, self.fn = getattr(layer, f"norm{k}"), getattr(layer, kind)
         self.ls, self.drop_path = getattr(layer, f"ls{k}"), getattr(layer, f"drop_path{k}")
-        self.kind, self.layer = kind, index
+        self.kind, self.layer_index = kind, index
 
     def shortcut(self, x: Tensor) -> Tensor:
         return x
@@ -91,7 +91,7 @@ class ViTLayer(Block):
 
     def __init__(self, layer: nn.Module, index: int):
         super().__init__()
-        self.block, self.layer = layer, index
+        self.block, self.layer_index = layer, index
 
     def shortcut(self, x: Tensor) -> Tensor:
         return x
