@@ -330,6 +330,40 @@ def check_slurm_gpu_request(command, tmp_path_factory, tmp_path):
     assert not list(copy.glob("outputs/*/multirun_*/.submitit/*")), "a job was submitted"
 
 
+def check_test_rules(command, tmp_path_factory, tmp_path):
+    """The block-subset checkpoints of the Sec. 5 sweep tested under every other rule, then the
+    report of the whole outputs/ folder compares each rule with full training, paired by seed."""
+    sweep = sweep_dir(effective_paths_quick(tmp_path_factory), "effective_paths")
+    copy = tmp_path / "copy"
+    shutil.copytree(sweep.parents[2], copy)
+    sweep = copy / sweep.relative_to(sweep.parents[2])
+    subsets = {}
+    for job in sweep.iterdir():
+        if (job / "metrics.json").is_file():
+            m = json.loads((job / "metrics.json").read_text())
+            if m["k"] == 4:
+                subsets[m["seed"]] = job / "checkpoints" / "last.ckpt"
+    assert sorted(subsets) == [0, 1, 2, 3]
+    for ckpt in subsets.values():
+        for rule in ("rescale", "recalibrate", "ensemble"):
+            subs = {"<last.ckpt>": str(ckpt.relative_to(copy)), "<rule>": rule}
+            run_cli(*words(command, subs), cwd=copy)
+    runs = [json.loads(p.read_text()) for p in (copy / "outputs" / "train").glob("*/metrics.json")]
+    assert len(runs) == 12 and all(r["k"] == 4 and r["training"] == "block_subset" for r in runs)
+    for rule in ("rescale", "recalibrate", "ensemble"):  # each checkpoint keeps its own seed
+        assert sorted(r["seed"] for r in runs if r["test_mode"] == rule) == [0, 1, 2, 3]
+    assert all(
+        {"test_error_m1", "test_error_m16"} <= set(r) for r in runs if r["test_mode"] == "ensemble"
+    )
+    run_cli("outputs", module="src.report", cwd=copy)
+    res = json.loads((copy / "outputs" / "report" / "effective_paths.json").read_text())
+    rules = ["k=4/9", "k=4/9 ensemble", "k=4/9 recalibrate", "k=4/9 rescale"]
+    assert sorted(res["comparisons"]) == rules
+    assert all(res["comparisons"][r]["paired_t"]["seeds"] == 4 for r in rules)
+    md = (copy / "outputs" / "report" / "effective_paths.md").read_text()
+    assert "| M=1 | M=2 | M=4 | M=8 | M=16 |" in md
+
+
 def check_report(command, tmp_path_factory, tmp_path):
     """`python -m src.report <sweep>` on the sweep the docs name."""
     [target] = words(command, {"<multirun dir>": "any"})
@@ -338,6 +372,17 @@ def check_report(command, tmp_path_factory, tmp_path):
             pytest.skip("no Slurm cluster: run `scripts/slurm_local.sh start` (as root) first")
         copy = slurm_sweep(tmp_path_factory)
         sweep, analyses, jobs = sweep_dir(copy, "train"), [], 2
+    elif target == "outputs":  # every data set's sweeps side by side, with the claims table
+        copy = once(tmp_path_factory, "quickstart", lambda c: None)
+        work = tmp_path / "copy"
+        shutil.copytree(copy, work)
+        run_cli("outputs", module="src.report", cwd=work)
+        claims = (work / "outputs" / "report" / "claims.csv").read_text().splitlines()
+        assert claims[0] == "figure,paper,test,digits,verdict"
+        fig3 = next(line for line in claims if line.startswith("Fig. 3/4,"))
+        assert fig3.endswith("digits: holds")  # ResNet-110 barely notices a deleted block
+        assert "## Claims" in (work / "outputs" / "report" / "report.md").read_text()
+        return
     elif target.startswith("outputs/effective_paths/"):  # rebuild a copy of the Sec. 5 report
         sweep = sweep_dir(effective_paths_quick(tmp_path_factory), "effective_paths")
         work = tmp_path / "outputs" / "effective_paths" / sweep.name
@@ -437,6 +482,11 @@ RULES = [
     ),
     Rule(r"python -m src\.run experiment=(path_lengths|remaining_paths)", check_analytic),
     Rule(r"python -m src\.report (\S+|<multirun dir>)", check_report),
+    Rule(
+        r"python -m src\.run train=false ckpt_path=<last\.ckpt> training=block_subset "
+        r"training\.test_mode=<rule>",
+        check_test_rules,
+    ),
     Rule(
         r"python -m src\.run experiment=delete_many train=false ckpt_path=\S+",
         check_analyse_checkpoint,
