@@ -45,6 +45,19 @@ def _labelled(table: pd.DataFrame) -> pd.DataFrame:
 def delete_single(table: pd.DataFrame) -> Figure:
     """Test error per deleted block (Figs 3, 4, 8): one line per label, its unlesioned error
     dashed, downsampling blocks marked."""
+    return _per_block(
+        table,
+        "deleted",
+        "Deleting individual blocks at test time (Veit et al. Figs 3, 4, 8)",
+    )
+
+
+def duplicate(table: pd.DataFrame) -> Figure:
+    """Test error per duplicated block (each run twice in place), as Fig. 3 draws deletions."""
+    return _per_block(table, "duplicated", "Duplicating individual blocks at test time")
+
+
+def _per_block(table: pd.DataFrame, verb: str, title: str) -> Figure:
     table = _labelled(table)
     fig = Figure(figsize=(7, 3.6))
     ax = fig.subplots()
@@ -53,7 +66,7 @@ def delete_single(table: pd.DataFrame) -> Figure:
         c = curve(t, "block", "error")
         n = _runs(table, label)
         tag = f"{label} (n={n})" if n > 1 else label
-        ax.plot(c.block, c["mean"], "-o", ms=3, lw=1.2, color=color, label=f"{tag}: block deleted")
+        ax.plot(c.block, c["mean"], "-o", ms=3, lw=1.2, color=color, label=f"{tag}: block {verb}")
         _band(ax, c.block, c["mean"], c.ci, color)
         base = t.groupby("run_dir").baseline.first().mean()
         ax.axhline(base, color=color, ls="--", lw=1, label=f"{tag}: unlesioned")
@@ -68,10 +81,10 @@ def delete_single(table: pd.DataFrame) -> Figure:
             zorder=3,
             label="downsampling block" if k == 0 else None,
         )
-    ax.set_xlabel("deleted block (index)")
+    ax.set_xlabel(f"{verb} block (index)")
     ax.set_ylabel("test error")
     ax.set_ylim(0, 1)
-    ax.set_title("Deleting individual blocks at test time (Veit et al. Figs 3, 4, 8)")
+    ax.set_title(title)
     ax.legend(fontsize=7, loc="center right")
     ax.grid(alpha=0.3)
     return fig

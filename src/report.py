@@ -70,6 +70,13 @@ STUDIES = (
         figures.reorder,
     ),
     Study(
+        "duplicate",
+        "Beyond the paper: duplicating single blocks",
+        "(Not in the paper.) The unraveled view predicts mild damage: a block run twice adds "
+        "paths through a second copy of one residual function.",
+        figures.duplicate,
+    ),
+    Study(
         "gradient_paths",
         "Fig. 6b: gradient magnitude per path length",
         "The gradient reaching the input through one path falls exponentially with the path's "
@@ -102,6 +109,9 @@ def fmt(mean: float, half: float, pct: bool = True) -> str:
 def headline(study: str, t: pd.DataFrame) -> str:
     """The headline number of one study for one group, as mean ± 95% CI over its runs."""
     per_run = t.groupby("run_dir")
+    if study == "duplicate":
+        rises = per_run.apply(lambda r: float(r.error.median() - r.baseline.iloc[0]))
+        return f"median error rise over baseline: {fmt(*stats.mean_ci(rises.tolist()))}"
     if study == "delete_single":
         rises = per_run.apply(
             lambda r: stats.delete_single_headline(r, r.baseline.iloc[0])[

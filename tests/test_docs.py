@@ -222,6 +222,10 @@ def check_quick_experiment(command, tmp_path_factory, tmp_path):
         assert metrics["n_blocks"] == 66 and len(rows) == 66
         assert sorted({r["stage"] for r in rows}) == ["0", "1", "2", "3"]
         assert sum(r["downsampling"] == "True" for r in rows) == 4
+    elif experiment == "duplicate":  # every block that keeps its shape, run twice in place
+        rows = analysis(run, "duplicate")
+        assert [int(r["block"]) for r in rows] == [i for i in range(54) if i not in (18, 36)]
+        assert all(r["downsampling"] == "False" for r in rows)
     assert_figure(run / "analysis" / f"{experiment.replace('imagenet_', '')}.png")
 
 
@@ -469,7 +473,7 @@ RULES = [
     ),
     Rule(
         r"python -m src\.run experiment=(delete_many|reorder|stochastic_depth"
-        r"|imagenet_delete_single) preset=quick",
+        r"|imagenet_delete_single|duplicate) preset=quick",
         check_quick_experiment,
     ),
     Rule(

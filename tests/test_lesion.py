@@ -298,3 +298,26 @@ def test_recalibrated_lesions_equal_hand_built_networks_with_fresh_statistics(re
     assert all(torch.equal(before[k], after[k]) for k in before) and not resnet.training
     # the trained (here: random) statistics give other errors: re-estimation changed something
     assert (base, errors) != lesion_errors(resnet, plans, [(x, y)])
+
+
+def test_duplicating_a_block_equals_the_network_with_that_block_twice(resnet, data):
+    """A duplication is a plan (the order runs block i twice), equal to a hand-built network
+    holding the same module twice; the engine's prefix reuse gives the same logits."""
+    from src.analysis.duplicate import Duplicate, duplicated_order
+
+    x, _ = data
+    study = Duplicate(progress=False)
+    eligible = study.eligible(resnet)
+    down = [b["block"] for b in resnet.block_info() if b["downsampling"]]
+    assert down and not set(down) & set(eligible) and len(eligible) == resnet.n_blocks - len(down)
+    plans = [lesion_plan(None, order=duplicated_order(range(resnet.n_blocks), i)) for i in eligible]
+    got = _engine(resnet, x, plans)[1:]
+    for i, logits in zip(eligible, got):
+        order = duplicated_order(range(resnet.n_blocks), i)
+        assert order.count(i) == 2 and len(order) == resnet.n_blocks + 1
+        with torch.inference_mode():
+            want = _hand_built(resnet, {}, order=list(order))(x)
+        assert torch.allclose(logits, want, atol=TOL), i
+    with pytest.raises(ConfigError, match="downsampling") as err:
+        Duplicate(blocks=[down[0]]).check(resnet)
+    assert "\n" not in str(err.value)
