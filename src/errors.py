@@ -33,8 +33,11 @@ def check_device(cfg: DictConfig) -> None:
 
 
 def validate(cfg: DictConfig) -> None:
-    if not cfg.train and not cfg.ckpt_path:
-        raise ConfigError("train=false needs a checkpoint to analyse: add ckpt_path=<file.ckpt>")
+    if not cfg.train and not cfg.ckpt_path and not cfg.model.get("path"):
+        raise ConfigError(
+            "train=false needs a checkpoint to analyse: add ckpt_path=<file.ckpt> (or, for a "
+            "pretrained Hugging Face model, model=hf_causal_lm model.path=<its directory>)"
+        )
     check_device(cfg)
 
 

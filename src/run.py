@@ -18,14 +18,13 @@ import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from src import checkpoint
 from src.cluster import SIGTERMED, ddp_ranks_join_this_job, leave_ddp, requeued, watch_sigterm
 from src.data import DataUnavailable
 from src.errors import ConfigError, check_choices, exit_with, validate
-from src.module import Classifier
 from src.results import write_json
 from src.rundir import refuse_to_overwrite, wandb_id
 
@@ -71,7 +70,7 @@ def run_facts(cfg: DictConfig, choices: dict, net, mode, seed) -> dict:
     testing one checkpoint in several ways pair with it."""
     return {
         "model": choices.get("model"),
-        "data": choices.get("data"),
+        "data": cfg.get("data_name") or choices.get("data"),  # lm_lesions names its text
         "training": choices.get("training"),
         "n_blocks": net.n_blocks,
         "k": mode.blocks_per_step(net.n_blocks),
@@ -90,7 +89,7 @@ def train(cfg: DictConfig) -> dict:
     refuse_to_overwrite(output_dir, resuming=bool(cfg.resume) or requeued())
     choices = dict(HydraConfig.get().runtime.choices)
     ckpt, trained_seed = None, cfg.get("seed")
-    if not cfg.train:
+    if not cfg.train and cfg.ckpt_path:  # else a pretrained model.path brings its own weights
         ckpt = checkpoint.load(cfg.ckpt_path)
         if checkpoint.KEY in ckpt:  # rebuild the run that wrote it
             saved = ckpt[checkpoint.KEY]
@@ -107,7 +106,8 @@ def train(cfg: DictConfig) -> dict:
         num_classes=datamodule.num_classes,
     )
     mode = instantiate(cfg.training)
-    module = Classifier(net, mode=mode, num_classes=datamodule.num_classes, **cfg.optim)
+    module_class = get_class(cfg.get("module") or "src.module.Classifier")  # LMs: src.lm
+    module = module_class(net, mode=mode, num_classes=datamodule.num_classes, **cfg.optim)
     module.facts = run_facts(cfg, choices, net, mode, trained_seed)  # every table's metadata
     ddp_ranks_join_this_job()
     callbacks = build(cfg, "callbacks")
@@ -139,7 +139,7 @@ def train(cfg: DictConfig) -> dict:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         # the weights tested below are the final ones, also when fit stopped mid-epoch
         trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt")
-    else:
+    elif ckpt is not None:
         checkpoint.load_weights(module, ckpt, cfg.ckpt_path)
     results = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     metrics = {k.replace("/", "_"): float(v) for k, v in results.items()}
@@ -147,9 +147,14 @@ def train(cfg: DictConfig) -> dict:
     metrics |= module.facts
     if trainer.is_global_zero:
         write_json(output_dir / "metrics.json", metrics)
-        log.info(
-            "test error %.4f; results in %s", metrics.get("test_error", float("nan")), output_dir
-        )
+        if "test_perplexity" in metrics:  # a language model
+            log.info("test perplexity %.3f; results in %s", metrics["test_perplexity"], output_dir)
+        else:
+            log.info(
+                "test error %.4f; results in %s",
+                metrics.get("test_error", float("nan")),
+                output_dir,
+            )
     return metrics
 
 

@@ -117,9 +117,14 @@ def test_optim_and_preset(tmp_path):
 def test_experiments_compose(experiment, preset, tmp_path):
     overrides = [f"experiment={experiment}"] + ([f"preset={preset}"] if preset else [])
     cfg = compose_cfg(overrides, tmp_path)
+    # a preset's image data set; the language-model experiment keeps its text under any preset
+    text = experiment == "lm_lesions"
+    if text:
+        assert cfg.data._target_.endswith("TextDataModule") and cfg.data_name == "text"
     if preset == "quick":
-        assert cfg.data._target_.endswith("DigitsDataModule")
+        assert text or cfg.data._target_.endswith("DigitsDataModule")
         assert cfg.trainer.accelerator == "cpu"
     if preset == "medium":
-        assert cfg.data._target_.endswith("FashionMNISTDataModule") and cfg.data.test_size == 2000
+        assert text or cfg.data._target_.endswith("FashionMNISTDataModule")
+        assert cfg.data.test_size == 2000
         assert cfg.trainer.max_steps == 700 and list(cfg.optim.milestones) == [350, 525]

@@ -4,7 +4,8 @@ run's metadata that goes into its table (src/results.py). The measuring itself i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -12,7 +13,8 @@ import pandas as pd
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from src import results
+from src import figures, results
+from src.engines.lesion import check_metric
 from src.errors import ConfigError
 from src.models.network import Network, Plan
 
@@ -30,6 +32,9 @@ def run_meta(trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         facts.setdefault("k", mode.blocks_per_step(net.n_blocks))
     facts["run_id"] = wandb_id(trainer.default_root_dir)
     return facts
+
+
+BASELINE_KEYS = ("baseline_error", "baseline_loss", "baseline_perplexity")
 
 
 class AnalysisCallback(Callback):
@@ -65,14 +70,20 @@ class AnalysisCallback(Callback):
         summary: dict | None = None,
         figure=None,
         study: str | None = None,
+        metric: str | None = None,
     ) -> pd.DataFrame:
-        """The rows as this run's tidy table, written with summary and figure (src/results.py)."""
+        """The rows as this run's tidy table, written with summary and figure (src/results.py).
+        `metric`: what the table's value column measures (the `metric` metadata column; None:
+        error)."""
         study = study or self.name
-        table = results.tidy(study, rows, run_meta(trainer, pl_module))
+        meta = run_meta(trainer, pl_module) | ({"metric": metric} if metric else {})
+        table = results.tidy(study, rows, meta)
         fig = figure(table.assign(label=self.run_label(pl_module))) if callable(figure) else figure
         out = self.analysis_dir(trainer)
-        if summary is not None and "baseline_error" in summary:  # the run's unlesioned error
-            results.update_json(out / "summary.json", {"baseline_error": summary["baseline_error"]})
+        # the run's unlesioned value (baseline_error; a language model's baseline_loss/perplexity)
+        baselines = {k: v for k, v in (summary or {}).items() if k in BASELINE_KEYS}
+        if baselines:
+            results.update_json(out / "summary.json", baselines)
         return results.record(out, study, table, summary, fig, trainer.loggers)
 
     def run_label(self, pl_module: L.LightningModule) -> str:
@@ -95,6 +106,10 @@ class LesionStudy(AnalysisCallback):
                 re-estimated under it on `bn_batches` training batches (seeded, no augmentation),
                 separating stale statistics from lost paths. Weights are never touched.
     bn_batches: training batches for the re-estimation.
+    metric:     what a lesion is measured by (src/engines/lesion.py): "error" (classification
+                error) or "loss" (mean cross-entropy per target, with its exp, `perplexity`);
+                None: the module's own (`pl_module.metric`: loss for a language model, else
+                error). The table's value column is named after it (`error` or `loss`).
     """
 
     BN_MODES = ("eval", "recalibrate")
@@ -110,6 +125,7 @@ class LesionStudy(AnalysisCallback):
         label: str | None = None,
         bn: str = "eval",
         bn_batches: int = 20,
+        metric: str | None = None,
     ):
         if batch_size is not None and int(batch_size) < 1:
             raise ConfigError(f"{self.name}.batch_size must be positive, got {batch_size}")
@@ -121,12 +137,57 @@ class LesionStudy(AnalysisCallback):
         self.reuse, self.device, self.progress, self.label = bool(reuse), device, progress, label
         self.batch_size = None if batch_size is None else int(batch_size)
         self.bn, self.bn_batches = bn, int(bn_batches)
+        self.metric = None if metric is None else check_metric(metric)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Check the study's arguments against the network (and the device) before anything is
         trained: Lightning runs `setup` before fit, and before test on a loaded checkpoint."""
         self.check_device()
         self.check(pl_module.net)
+        self.measure(pl_module)
+
+    def measure(self, pl_module: L.LightningModule) -> str:
+        """What this study measures: its own `metric`, else the module's (error by default)."""
+        return check_metric(self.metric or getattr(pl_module, "metric", "error"))
+
+    def values(self, rows: pd.DataFrame, metric: str, baseline: float) -> pd.DataFrame:
+        """The study's rows (value column named `metric`) with the unlesioned `baseline`, for
+        loss also `perplexity` (exp of the loss), and the bn mode."""
+        if metric == "loss":
+            rows["perplexity"] = rows["loss"].map(math.exp)
+        rows["baseline"] = baseline
+        if metric == "loss":
+            rows["baseline_perplexity"] = math.exp(baseline)
+        rows["bn"] = self.bn
+        return rows
+
+    @staticmethod
+    def headline(fn: Callable, rows: pd.DataFrame, metric: str, *args) -> dict:
+        """A src/stats.py headline (written for an `error` column) of the `metric` column, its
+        keys renamed after the metric (baseline_error -> baseline_loss, ...)."""
+        if metric == "error":
+            return fn(rows, *args)
+        out = fn(rows.rename(columns={metric: "error"}), *args)
+        words = {"error": metric, "errors": metric + ("es" if metric.endswith("s") else "s")}
+        return {"_".join(words.get(w, w) for w in k.split("_")): v for k, v in out.items()}
+
+    @staticmethod
+    def baselines(metric: str, baseline: float) -> dict:
+        """The summary's unlesioned value(s): baseline_error, or baseline_loss and perplexity."""
+        out = {f"baseline_{metric}": baseline}
+        if metric == "loss":
+            out["baseline_perplexity"] = math.exp(baseline)
+        return out
+
+    @staticmethod
+    def figure(study: str, metric: str) -> Callable:
+        """The study's figure: the paper's (src/figures.py) for error, src/lm_figures.py's for a
+        loss (unbounded, per sub-layer kind)."""
+        if metric == "error":
+            return getattr(figures, study)
+        from src import lm_figures
+
+        return getattr(lm_figures, study)
 
     def check(self, net: Network) -> None:
         """Raise ConfigError when the study cannot apply to `net`."""
@@ -146,11 +207,13 @@ class LesionStudy(AnalysisCallback):
     def evaluate(
         self, trainer: L.Trainer, pl_module: L.LightningModule, plans: Sequence[Plan]
     ) -> tuple[float, list[float]]:
-        """(baseline error, error per plan) on the test split; plans are built on eval_plan."""
+        """(baseline, value per plan) of the study's metric (`measure`) on the test split; plans
+        are built on eval_plan."""
         from src.data import batches
         from src.engines.lesion import lesion_errors, recalibrated_errors
 
         device = self.device or pl_module.device
+        metric = self.measure(pl_module)
         test = batches(trainer.datamodule, "test", device=device)
         if self.bn == "recalibrate":
             from src.bn import training_batches
@@ -166,6 +229,7 @@ class LesionStudy(AnalysisCallback):
                 device=device,
                 progress=self.progress,
                 description=f"{self.name} (BN re-estimated)",
+                metric=metric,
             )
         return lesion_errors(
             pl_module.net,
@@ -177,4 +241,5 @@ class LesionStudy(AnalysisCallback):
             batch_size=self.batch_size,
             progress=self.progress,
             description=self.name,
+            metric=metric,
         )

@@ -2,9 +2,10 @@
 
 For each k in `ks`, `trials` random sets of k distinct blocks (drawn from the study's `seed`) are
 deleted together. Writes the table `analysis/delete_many.{parquet,csv}` (the run's metadata
-columns, then k,trial,deleted,error,baseline; `deleted` = space-separated block indices), the
-`delete_many` entry of `summary.json` (mean/std/min/max error per k) and `delete_many.png`
-(error vs k with the spread over trials).
+columns, then k,trial,deleted,error,baseline; `deleted` = space-separated block indices; a
+language model's value column is `loss`, with perplexity), the `delete_many` entry of
+`summary.json` (mean/std/min/max error per k) and `delete_many.png` (error vs k with the spread
+over trials).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from collections.abc import Sequence
 import lightning as L
 import pandas as pd
 
-from src import figures
 from src.analysis.base import LesionStudy
 from src.engines.lesion import lesion_plan
 from src.errors import ConfigError
@@ -59,20 +59,21 @@ class DeleteMany(LesionStudy):
         net = pl_module.net  # checked in `setup`, before training
         samples = sample_deletions(net.n_blocks, self.ks, self.trials, self.seed)
         plans = [lesion_plan(pl_module.eval_plan, d) for _, _, d in samples]
-        baseline, errors = self.evaluate(trainer, pl_module, plans)
+        metric = self.measure(pl_module)
+        baseline, values = self.evaluate(trainer, pl_module, plans)
         rows = pd.DataFrame(
             [
-                {"k": k, "trial": t, "deleted": " ".join(map(str, d)), "error": e}
-                for (k, t, d), e in zip(samples, errors)
+                {"k": k, "trial": t, "deleted": " ".join(map(str, d)), metric: v}
+                for (k, t, d), v in zip(samples, values)
             ]
         )
-        rows["baseline"] = baseline
-        rows["bn"] = self.bn
+        rows = self.values(rows, metric, baseline)
         summary = {
-            "baseline_error": baseline,
-            "per_k": per_k(rows),
+            **self.baselines(metric, baseline),
+            "per_k": self.headline(per_k, rows, metric),
             "trials": self.trials,
             "label": self.run_label(pl_module),
             "bn": self.bn,
         }
-        self.record(trainer, pl_module, rows, summary, figures.delete_many)
+        figure = self.figure("delete_many", metric)
+        self.record(trainer, pl_module, rows, summary, figure, metric=metric)

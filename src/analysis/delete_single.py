@@ -3,7 +3,9 @@
 For each block i the residual branch is removed and the shortcut kept (identity, or the
 downsampling projection with the pre-activation feeding it); for VGG the layer becomes the
 identity (keeping its pool). Writes the table `analysis/delete_single.{parquet,csv}` (the run's
-metadata columns, then block,stage,downsampling,error,baseline), the `delete_single` entry of
+metadata columns, then block,stage,downsampling,error,baseline; a transformer's sub-layer blocks
+add layer,kind; a language model's value column is `loss`, with perplexity and
+baseline_perplexity beside it), the `delete_single` entry of
 `summary.json` and `delete_single.png`. A sweep's overlay of every run (ResNet and VGG, or
 standard and stochastic-depth training) is drawn once, when the sweep ends, by the aggregator
 (`python -m src.report <sweep dir>`, src/report.py).
@@ -14,7 +16,6 @@ from __future__ import annotations
 import lightning as L
 import pandas as pd
 
-from src import figures
 from src.analysis.base import LesionStudy
 from src.engines.lesion import lesion_plan
 from src.errors import ConfigError
@@ -44,13 +45,17 @@ class DeleteSingle(LesionStudy):
         info = net.block_info()
         blocks = self.blocks if self.blocks is not None else list(range(net.n_blocks))
         plans = [lesion_plan(pl_module.eval_plan, [i]) for i in blocks]
-        baseline, errors = self.evaluate(trainer, pl_module, plans)
-        rows = pd.DataFrame([{**info[i], "error": e} for i, e in zip(blocks, errors)])
-        rows["baseline"] = baseline
-        rows["bn"] = self.bn
+        metric = self.measure(pl_module)
+        baseline, values = self.evaluate(trainer, pl_module, plans)
+        rows = pd.DataFrame([{**info[i], metric: v} for i, v in zip(blocks, values)])
+        rows = self.values(rows, metric, baseline)
         summary = {
-            **delete_single_headline(rows, baseline),
+            **self.headline(delete_single_headline, rows, metric, baseline),
+            **self.baselines(metric, baseline),
             "label": self.run_label(pl_module),
             "bn": self.bn,
         }
-        self.record(trainer, pl_module, rows, summary, figures.delete_single)
+        if "kind" in rows:  # transformer sub-layers: the mean per kind (attention, MLP)
+            summary[f"mean_{metric}_by_kind"] = rows.groupby("kind")[metric].mean().to_dict()
+        figure = self.figure("delete_single", metric)
+        self.record(trainer, pl_module, rows, summary, figure, metric=metric)

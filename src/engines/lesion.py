@@ -1,6 +1,11 @@
 """The exact lesion engine behind paper Sec. 4 (Figs 3, 4, 5, 8): test error of a trained network
 under many lesion plans (deleted blocks, reordered blocks), one pass over the test set.
 
+What is measured is one explicit choice, `metric` (`METRICS`): "error", the classification error
+(the paper's; top-1 over the last logit dimension, so for a language model the next-token error),
+or "loss", the mean cross-entropy per target (for a language model with (B, T, V) logits and
+(B, T) targets: the mean next-token loss in nats, whose exp is the perplexity).
+
 Per test batch the unlesioned network runs once and keeps the input of every block (the cache of
 `Network.block_inputs`). A lesion that first differs from the unlesioned sequence at position p
 restarts from the cached input of position p: deleting block i recomputes only the blocks after
@@ -21,11 +26,32 @@ import dataclasses
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor
 
 from src.errors import ConfigError
 from src.models.network import FULL, Network, Plan
+
+METRICS = ("error", "loss")
+
+
+def check_metric(metric: str) -> str:
+    if metric not in METRICS:
+        raise ConfigError(
+            f"metric={metric!r}: choose error (classification error) or loss (mean "
+            "cross-entropy per target, e.g. next-token loss of a language model)"
+        )
+    return metric
+
+
+def metric_sum(metric: str, logits: Tensor, y: Tensor) -> Tensor:
+    """Sum of `metric` over the targets of one batch (divide by `y.numel()` for the mean):
+    wrong top-1 predictions (an integer count) or cross-entropy in nats (float64)."""
+    if metric == "error":
+        return (logits.argmax(-1) != y).sum()
+    flat = logits.reshape(-1, logits.shape[-1]).float()
+    return F.cross_entropy(flat, y.reshape(-1), reduction="sum").double()
 
 
 def lesion_plan(base: Plan | None, deleted: Iterable[int] = (), order: Sequence[int] | None = None):
@@ -153,25 +179,29 @@ def lesion_errors(
     batch_size: int | None = None,
     progress: bool = False,
     description: str = "lesions",
+    metric: str = "error",
 ) -> tuple[float, list[float]]:
-    """Test error of `net` under `base` and under each plan in `plans` (fractions in [0, 1]),
-    in one pass over `batches`, with BN in eval mode on `device` (None: where the net is)."""
+    """`metric` of `net` under `base` and under each plan in `plans` (error: fractions in
+    [0, 1]; loss: mean cross-entropy per target), in one pass over `batches`, with BN in eval
+    mode on `device` (None: where the net is)."""
+    check_metric(metric)
     check_plans(net, [FULL if base is None else base, *plans])
     total = 0
     with eval_mode(net, device) as dev, _progress(progress) as bar:
-        wrong = torch.zeros(len(plans) + 1, dtype=torch.long, device=dev)  # first: the base
+        dtype = torch.long if metric == "error" else torch.float64  # error: exact counts
+        sums = torch.zeros(len(plans) + 1, dtype=dtype, device=dev)  # first: the base
         task = bar.add_task(description, total=len(plans))
         for b, (x, y) in enumerate(rebatch(batches, batch_size)):
             bar.reset(task, description=f"{description} (test batch {b + 1})")
             x, y = x.to(dev), y.to(dev)
             for k, logits in enumerate(lesion_logits(net, x, plans, base, reuse)):
-                wrong[k] += (logits.argmax(1) != y).sum()
+                sums[k] += metric_sum(metric, logits, y)
                 bar.advance(task, advance=int(k > 0))
-            total += len(y)
+            total += y.numel()
     if total == 0:
         raise ConfigError("the test split is empty: nothing to evaluate lesions on")
-    errors = (wrong.double() / total).tolist()
-    return errors[0], errors[1:]
+    values = (sums.double() / total).tolist()
+    return values[0], values[1:]
 
 
 def recalibrated_errors(
@@ -183,12 +213,14 @@ def recalibrated_errors(
     device: torch.device | str | None = None,
     progress: bool = False,
     description: str = "lesions (BN re-estimated)",
+    metric: str = "error",
 ) -> tuple[float, list[float]]:
-    """Test error of `net` under `base` and each plan in `plans`, each with batch-norm statistics
+    """`metric` of `net` under `base` and each plan in `plans`, each with batch-norm statistics
     re-estimated under that plan on all of `bn_batches` ((x, y) training batches), then tested in
     eval mode on `batches`. Deterministic given the batches; `net` is left as it was."""
     from src.bn import recalibrated
 
+    check_metric(metric)
     base = FULL if base is None else base
     check_plans(net, [base, *plans])
     if not bn_batches:
@@ -201,7 +233,7 @@ def recalibrated_errors(
     try:
         test = [(x.to(dev), y.to(dev)) for x, y in batches]
         train = [(x.to(dev), y.to(dev)) for x, y in bn_batches]
-        total = sum(len(y) for _, y in test)
+        total = sum(y.numel() for _, y in test)
         if total == 0:
             raise ConfigError("the test split is empty: nothing to evaluate lesions on")
         errors = []
@@ -211,8 +243,8 @@ def recalibrated_errors(
                 with torch.inference_mode(False), recalibrated(net, plan, train, len(train)):
                     net.eval()
                     with torch.inference_mode():
-                        wrong = sum(int((net(x, plan).argmax(1) != y).sum()) for x, y in test)
-                errors.append(wrong / total)
+                        summed = sum(metric_sum(metric, net(x, plan), y).item() for x, y in test)
+                errors.append(summed / total)
                 bar.advance(task, advance=int(k > 0))
     finally:
         with torch.inference_mode(False):
