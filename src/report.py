@@ -158,7 +158,9 @@ def effective_paths(runs: pd.DataFrame, out: Path, alpha: float) -> list[str]:
         res = stats.compare_arms(arms, alpha)
     except ConfigError as err:
         return ["", "## Sec. 5: effective-path training", "", f"Not compared: {err}."]
-    steps = sorted(int(s) for s in arms.get("global_step", pd.Series([-1])).unique())
+    # trained runs only: testing a checkpoint again (train=false) takes no steps
+    steps = arms.get("global_step", pd.Series([-1]))
+    steps = sorted(int(s) for s in steps[steps != 0].unique())
     res |= {"steps": steps, "same_step_budget": len(steps) == 1}
     ensemble = sorted((c for c in arms if c.startswith("test_error_m")), key=lambda c: int(c[12:]))
     columns = ["run_dir", "arm", "seed", "test_error", *ensemble]
@@ -266,13 +268,8 @@ def report(path: str | Path, out: str | Path | None = None, alpha: float = 0.05)
         lines += effective_paths(runs, out, alpha)
     claims = claims_table(runs, tables)
     results.atomic_write(out / "claims.csv", claims.to_csv(index=False, lineterminator="\n"))
-    lines += [
-        "",
-        "## Claims",
-        "",
-        f"Rules: {'; '.join(f'{f}: {t}' for f, t in zip(claims.figure, claims.test))}.",
-        "",
-    ]
+    rules = "; ".join(f"{f}: {t}" for f, t in zip(claims.figure, claims.test))
+    lines += ["", "## Claims", "", f"Verdict rules: {rules}.", ""]
     lines += markdown_claims(claims)
     return results.atomic_write(out / "report.md", "\n".join(lines) + "\n")
 
