@@ -435,7 +435,13 @@ def check_analyse_checkpoint(command, tmp_path_factory, tmp_path):
     trained = json.loads((ckpt.parent.parent / "metrics.json").read_text())
     assert (metrics["model"], metrics["data"]) == ("resnet110", "digits")
     assert metrics["test_error"] == pytest.approx(trained["test_error"], abs=1e-6)
-    assert len(analysis(run, "delete_many")) == 21 * 2
+    rows = analysis(run, "delete_many")
+    assert len(rows) == 21 * 2
+    bn = "recalibrate" if "bn=recalibrate" in command else "eval"
+    assert {r["bn"] for r in rows} == {bn}
+    if bn == "recalibrate":  # statistics re-estimated per lesion: 10 deleted blocks barely hurt
+        ten = [float(r["error"]) for r in rows if r["k"] == "10"]
+        assert sum(ten) / len(ten) < 0.2
 
 
 def check_resume(command, tmp_path_factory, tmp_path):
@@ -492,7 +498,8 @@ RULES = [
         check_test_rules,
     ),
     Rule(
-        r"python -m src\.run experiment=delete_many train=false ckpt_path=\S+",
+        r"python -m src\.run experiment=delete_many train=false ckpt_path=\S+"
+        r"( callbacks\.delete_many\.bn=recalibrate)?",
         check_analyse_checkpoint,
     ),
     Rule(
