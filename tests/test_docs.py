@@ -12,6 +12,7 @@ match exactly one rule below: a new documented command without a rule fails
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -334,6 +335,49 @@ def check_slurm_gpu_request(command, tmp_path_factory, tmp_path):
     assert not list(copy.glob("outputs/*/multirun_*/.submitit/*")), "a job was submitted"
 
 
+def check_lm_lesions(command, tmp_path_factory, tmp_path):
+    """A GPT-style LM on Python's pydoc text: lesions measured in next-token loss; or the same
+    lesions of a user's pretrained model directory (with its tokenizer) on a user's text file."""
+    import pandas as pd
+
+    copy = fresh_copy(tmp_path)
+    if "preset=quick" in command:
+        run_cli(*shortened(command, "delete_many", "reorder"), cwd=copy)
+        blocks = 16
+    else:  # a saved model and tokenizer, made here as a user's would be
+        from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+        from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+        from src.data.text import pydoc_text
+
+        text = pydoc_text()[:60_000]
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.train_from_iterator(
+            [text], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"])
+        )
+        PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(tmp_path / "tok")
+        cfg = GPT2Config(n_layer=8, n_embd=16, n_head=2, n_positions=256, vocab_size=300)
+        GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
+        (tmp_path / "text.txt").write_text(text)
+        subs = {
+            "<save_pretrained dir>": str(tmp_path / "gpt2"),
+            "<its tokenizer dir>": str(tmp_path / "tok"),
+            "<a UTF-8 file>": str(tmp_path / "text.txt"),
+        }
+        run_cli(*words(command, subs), cwd=copy)
+        blocks = 16
+    run = single_run(copy, "lm_lesions")
+    single = pd.read_csv(run / "analysis" / "delete_single.csv")
+    assert len(single) == blocks and set(single.metric) == {"loss"}
+    assert sorted(set(single.kind)) == ["attn", "mlp"]
+    assert (
+        single.perplexity - single.loss.map(math.exp)
+    ).abs().max() < 1e-6 * single.perplexity.max()
+    for study in ("delete_many", "reorder"):
+        assert set(pd.read_csv(run / "analysis" / f"{study}.csv").metric) == {"loss"}
+
+
 def check_test_rules(command, tmp_path_factory, tmp_path):
     """The block-subset checkpoints of the Sec. 5 sweep tested under every other rule, then the
     report of the whole outputs/ folder compares each rule with full training, paired by seed."""
@@ -492,6 +536,10 @@ RULES = [
     ),
     Rule(r"python -m src\.run experiment=(path_lengths|remaining_paths)", check_analytic),
     Rule(r"python -m src\.report (\S+|<multirun dir>)", check_report),
+    Rule(
+        r"python -m src\.run experiment=lm_lesions (preset=quick|train=false model\.path=.*)",
+        check_lm_lesions,
+    ),
     Rule(
         r"python -m src\.run train=false ckpt_path=<last\.ckpt> training=block_subset "
         r"training\.test_mode=<rule>",

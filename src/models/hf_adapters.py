@@ -126,16 +126,16 @@ def hf_causal_lm(
     in_channels: int | None = None,
     num_classes: int | None = None,
 ) -> Network:
-    """A causal LM from a local `save_pretrained` directory (`path`, nothing is downloaded), or
-    with random weights from `config` (`model_type` plus its sizes, e.g. gpt2 with n_layer=2).
-    `in_channels`/`num_classes` (passed by the entry point for image data) are not used: the
-    classes of an LM are its vocabulary."""
-    if (path is None) == (config is None):
+    """A causal LM from a local `save_pretrained` directory (`path`, nothing is downloaded; it
+    wins over `config`), or with random weights from `config` (`model_type` plus its sizes, e.g.
+    gpt2 with n_layer=2). `in_channels`/`num_classes` (passed by the entry point for image data)
+    are not used: the classes of an LM are its vocabulary."""
+    if path is None and config is None:
         raise ConfigError(
-            "a causal LM needs exactly one of model.path=<local directory> or "
+            "a causal LM needs model.path=<local directory> or "
             "model.config={model_type: gpt2, ...}"
         )
-    if config is not None:
+    if path is None:
         config = dict(config)
         cfg = AutoConfig.for_model(config.pop("model_type"), **config)
         model = AutoModelForCausalLM.from_config(
