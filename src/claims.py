@@ -144,13 +144,9 @@ def stochastic_depth(runs, tables):
 
 
 def effective_paths(runs, tables):
-    if runs.empty or "training" not in runs or not runs.training.eq("block_subset").any():
+    arms = stats.sec5_arms(runs)
+    if arms.empty:
         return None
-    arms = runs[runs.training.isin(["block_subset", "standard"])].copy()
-    modes = arms.test_mode if "test_mode" in arms else pd.Series([None] * len(arms), arms.index)
-    arms["arm"] = [
-        stats.arm(t, k, n, m) for t, k, n, m in zip(arms.training, arms.k, arms.n_blocks, modes)
-    ]
     try:
         res = stats.compare_arms(arms)
     except ValueError:

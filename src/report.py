@@ -146,14 +146,9 @@ def effective_paths(runs: pd.DataFrame, out: Path, alpha: float) -> list[str]:
     """Sec. 5 (block-subset vs full training) when the runs hold both arms: every block-subset
     checkpoint tested under each rule it was tested with (test_mode) is an arm of its own, paired
     with full training by seed. Report lines."""
-    needed = {"training", "k", "n_blocks", "test_error", "seed"}
-    if not needed <= set(runs) or not runs.training.isin(["block_subset"]).any():
+    arms = stats.sec5_arms(runs)
+    if arms.empty:
         return []
-    arms = runs[runs.training.isin(["block_subset", "standard"])].copy()
-    modes = arms.test_mode if "test_mode" in arms else pd.Series([None] * len(arms), arms.index)
-    arms["arm"] = [
-        stats.arm(t, k, n, m) for t, k, n, m in zip(arms.training, arms.k, arms.n_blocks, modes)
-    ]
     try:
         res = stats.compare_arms(arms, alpha)
     except ConfigError as err:

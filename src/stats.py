@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from math import comb
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -131,10 +132,30 @@ FULL = "full"
 def arm(training: str | None, k, n_blocks, test_mode: str | None = None) -> str:
     """'full' for standard training (or k = n, every block every step), else 'k=<k>/<n>', with
     the test-time rule when it is not the paper's (all blocks as trained): 'k=23/54 rescale'."""
-    if training == "standard" or (k is not None and n_blocks is not None and k == n_blocks):
+    if training == "standard" or (not _missing(k) and not _missing(n_blocks) and k == n_blocks):
         return FULL
-    rule = "" if test_mode in (None, "full") or _missing(test_mode) else f" {test_mode}"
-    return f"k={k}/{n_blocks}{rule}"
+    rule = "" if _missing(test_mode) or test_mode == "full" else f" {test_mode}"
+    return f"k={int(k)}/{int(n_blocks)}{rule}"
+
+
+def sec5_arms(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs of a Sec. 5 comparison with their `arm`: every block-subset run (trained, or a
+    checkpoint tested again under another rule), and the full-training runs of the same sweeps
+    (the sibling jobs of a trained block-subset run, so that other full-training runs of a
+    results folder, e.g. of a lesion study, do not join the arm). Empty without block-subset
+    runs."""
+    needed = {"training", "k", "n_blocks", "test_error", "seed", "run_dir"}
+    if not needed <= set(runs) or not runs.training.eq("block_subset").any():
+        return runs.iloc[0:0].assign(arm=pd.Series(dtype=str))
+    runs = runs[runs.training.isin(["block_subset", "standard"])].copy()
+    modes = runs.test_mode if "test_mode" in runs else pd.Series([None] * len(runs), runs.index)
+    runs["arm"] = [
+        arm(t, k, n, m) for t, k, n, m in zip(runs.training, runs.k, runs.n_blocks, modes)
+    ]
+    parent = runs.run_dir.map(lambda d: str(Path(d).parent))
+    steps = runs.get("global_step", pd.Series([1] * len(runs), runs.index))
+    sweeps = set(parent[(runs.arm != FULL) & (steps != 0)])
+    return runs[(runs.arm != FULL) | parent.isin(sweeps)]
 
 
 def _missing(v) -> bool:

@@ -220,9 +220,11 @@ def test_effective_paths_one_arm_per_test_rule(tmp_path):
         metrics = json.loads((job / "metrics.json").read_text())
         metrics |= {"test_error_m1": m1, "test_error_m2": m1 - 0.1}
         (job / "metrics.json").write_text(json.dumps(metrics))
+    arms_sweep(tmp_path / "a_lesion_study", {"full": [0.5]})  # full training of another sweep
     rep.report(tmp_path)
     res = json.loads((tmp_path / "report" / "effective_paths.json").read_text())
     assert sorted(res["comparisons"]) == ["k=4/9", "k=4/9 ensemble", "k=4/9 rescale"]
+    assert res["arms"]["full"]["errors"] == full  # only the Sec. 5 sweep's own full arm
     assert res["comparisons"]["k=4/9"]["significant"]
     rescale = res["comparisons"]["k=4/9 rescale"]
     assert not rescale["significant"] and rescale["paired_t"]["seeds"] == 3
