@@ -132,8 +132,7 @@ def hf_causal_lm(
     are not used: the classes of an LM are its vocabulary."""
     if path is None and config is None:
         raise ConfigError(
-            "a causal LM needs model.path=<local directory> or "
-            "model.config={model_type: gpt2, ...}"
+            "a causal LM needs model.path=<local directory> or model.config={model_type: gpt2, ...}"
         )
     if path is None:
         config = dict(config)
