@@ -105,6 +105,8 @@ def train(cfg: DictConfig) -> dict:
         in_channels=datamodule.channels,
         num_classes=datamodule.num_classes,
     )
+    if cfg.get("compile"):
+        net.compile_blocks()
     mode = instantiate(cfg.training)
     module_class = get_class(cfg.get("module") or "src.module.Classifier")  # LMs: src.lm
     module = module_class(net, mode=mode, num_classes=datamodule.num_classes, **cfg.optim)

@@ -117,3 +117,36 @@ def test_grad_path_gates_the_backward_pass_only():
     (g_empty,) = torch.autograd.grad(net(x, Plan(grad_path=frozenset())).sum(), x)
     assert torch.allclose(g_one, g_all, atol=1e-6)
     assert torch.allclose(g_zero, g_empty, atol=1e-6)
+
+
+def test_compiled_blocks_serve_every_plan_without_recompiling():
+    """`Network.compile_blocks`: the same outputs as eager, and a new plan (deletions, orders,
+    scales, block subsets) adds no graph once each block type and shape has been compiled."""
+    import random
+
+    from torch._dynamo.utils import counters
+
+    from src.models.network import Plan
+
+    torch.manual_seed(0)
+    net = preact_resnet_cifar(blocks_per_stage=3, in_channels=1).eval()
+    x = torch.randn(4, 1, 8, 8)
+    rng = random.Random(0)
+
+    def plans(n):
+        for _ in range(n):
+            order = list(range(9))
+            rng.shuffle(order[1:3])
+            yield Plan(deleted=frozenset(rng.sample(range(9), 3)), order=tuple(order))
+        yield Plan(residual_scale=0.5)
+
+    first = list(plans(3))
+    eager = [net(x, p) for p in first]
+    net.compile_blocks(backend="eager")
+    counters.clear()
+    with torch.no_grad():
+        assert all(torch.equal(net(x, p), e) for p, e in zip(first, eager))
+        graphs = counters["stats"]["unique_graphs"]
+        for p in plans(20):
+            net(x, p)
+    assert 0 < graphs == counters["stats"]["unique_graphs"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 from torchvision.ops import stochastic_depth
 
@@ -106,6 +107,18 @@ class Plan:
 FULL = Plan()
 
 
+def _fused(block: Block, h: Tensor) -> Tensor:
+    return block(h)
+
+
+def _branches(block: Block, h: Tensor) -> tuple[Tensor, Tensor]:
+    return block.shortcut(h), block.residual(h)
+
+
+def _skip(block: Block, h: Tensor) -> Tensor:
+    return block.skip(h)
+
+
 def _backward_scale(t: Tensor, lam: float) -> Tensor:
     """Identity in the forward pass; multiplies the gradient by `lam` in the backward pass."""
     d = t.detach()
@@ -136,17 +149,32 @@ class Network(nn.Module):
             rows.append(row)
         return rows
 
+    def compile_blocks(self, **options) -> Network:
+        """Compile the blocks, not the network: `torch.compile` of one function that runs a
+        block given as an argument, so blocks of one type and shape share a graph, and the plan
+        (which blocks run, in which order, deleted, scaled, gated) stays in eager Python around
+        them. One set of graphs then serves every plan: a lesion sweep or block-subset training
+        never recompiles (compiling `forward` itself guards on each plan and falls back to eager
+        after eight). `options` go to `torch.compile` (e.g. backend, mode)."""
+        self._compiled = (
+            torch.compile(_fused, **options),
+            torch.compile(_branches, **options),
+            torch.compile(_skip, **options),
+        )
+        return self
+
     def run_block(self, i: int, h: Tensor, plan: Plan = FULL) -> Tensor:
         block = self.blocks[i]
+        fused, branches, skip = getattr(self, "_compiled", None) or (_fused, _branches, _skip)
         if i in plan.deleted:
-            return block.skip(h)
+            return skip(block, h)
         if plan.plain or not block.has_shortcut:
             if plan.drop_prob is not None and not block.has_shortcut:
                 raise ValueError("stochastic depth needs residual blocks, not plain layers")
             if not block.has_shortcut and not plan.plain:
                 raise ValueError("gradient/scale plans need residual blocks, not plain layers")
-            return block(h)
-        s, r = block.shortcut(h), block.residual(h)
+            return fused(block, h)
+        s, r = branches(block, h)
         if plan.drop_prob is not None:
             r = stochastic_depth(r, plan.drop_prob[i], "batch", self.training)
         if plan.residual_scale != 1.0:
