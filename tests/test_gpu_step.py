@@ -41,3 +41,17 @@ def test_a_training_step_makes_no_host_sync(mode):
             torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     assert torch.isfinite(loss).item()
+
+
+def test_small_datasets_are_held_on_the_gpu_when_training_there(tmp_path):
+    """Under a GPU trainer the tensor splits move to the device once; batches come out there."""
+    import lightning as L
+
+    dm = DigitsDataModule(batch_size=32, augment=True)
+    trainer = L.Trainer(accelerator="gpu", devices=1, max_steps=1, logger=False,
+                        default_root_dir=tmp_path)  # fmt: skip
+    dm.trainer = trainer
+    dm.setup()
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.is_cuda and y.is_cuda
+    assert all(t.is_cuda for split in dm.splits.values() for t in split.tensors)

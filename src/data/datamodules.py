@@ -108,15 +108,29 @@ class TensorDataModule(L.LightningDataModule):
     def _loader(self, split: str, train: bool) -> DataLoader:
         if not self.splits:
             self.setup()
+        self._hold_on_accelerator()
         data = self.splits[split]
+        on_gpu = data.tensors[0].device.type != "cpu"
         return (ResumableLoader if train else DataLoader)(
             data,
             batch_size=self.batch_size if train else self.eval_batch_size,
             sampler=self._train_sampler(data) if train else _unrepeated_sampler(data),
             drop_last=train and len(self.splits[split]) > self.batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=0 if on_gpu else self.num_workers,
+            persistent_workers=self.num_workers > 0 and not on_gpu,
         )
+
+    def _hold_on_accelerator(self) -> None:
+        """Training on a GPU: the (small) splits move to it once, so a batch is gathered there
+        (views of single images, then one stack) and no training step copies data from the host.
+        The transform then augments on the device from a device generator."""
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else None
+        if device is None or device.type != "cuda":
+            return
+        for name, split in self.splits.items():
+            if split.tensors[0].device != device:
+                self.splits[name] = TensorDataset(*(t.to(device) for t in split.tensors))
 
     def _train_sampler(self, data: TensorDataset) -> EpochSampler:
         """This rank's share of the order of (seed, epoch), resuming after the batches that
