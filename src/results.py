@@ -133,7 +133,8 @@ def record(
 
     for logger in loggers:
         if isinstance(logger, WandbLogger):
-            logger.log_table(key=f"{study}/table", dataframe=table.astype(object))
+            cells = table.astype(object).where(table.notna(), None)  # W&B's JSON has no NA
+            logger.log_table(key=f"{study}/table", dataframe=cells)
             if image is not None:
                 logger.log_image(key=f"{study}/figure", images=[str(image)])
     return table

@@ -31,6 +31,11 @@ def cli_env(env: dict | None = None) -> dict:
     return {**os.environ, **base, **(env or {})}
 
 
+def same_run_aside(rows: list[dict]) -> list[dict]:
+    """Rows of a results CSV without the `run_id` column: two runs measuring the same thing."""
+    return [{k: v for k, v in r.items() if k != "run_id"} for r in rows]
+
+
 def own_columns(row: dict) -> list[str]:
     """The columns of a results CSV row after the run's metadata columns (src.results.META)."""
     from src.results import META

@@ -80,6 +80,7 @@ def test_delete_single_shows_the_papers_contrast(delete_single_sweep):
     assert _curves(report / "delete_single.png") == [True, True]
     assert {p.name for p in report.iterdir()} == {
         "report.md",
+        "claims.csv",
         "tables.parquet",
         "delete_single.png",
     }
