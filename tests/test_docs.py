@@ -395,14 +395,14 @@ def check_test_rules(command, tmp_path_factory, tmp_path):
             if m["k"] == 4:
                 subsets[m["seed"]] = job / "checkpoints" / "last.ckpt"
     assert sorted(subsets) == [0, 1, 2, 3]
-    for ckpt in subsets.values():
+    for ckpt in (subsets[0], subsets[1]):  # two seeds: enough for the paired comparison
         for rule in ("rescale", "recalibrate", "ensemble"):
             subs = {"<last.ckpt>": str(ckpt.relative_to(copy)), "<rule>": rule}
             run_cli(*words(command, subs), cwd=copy)
     runs = [json.loads(p.read_text()) for p in (copy / "outputs" / "train").glob("*/metrics.json")]
-    assert len(runs) == 12 and all(r["k"] == 4 and r["training"] == "block_subset" for r in runs)
+    assert len(runs) == 6 and all(r["k"] == 4 and r["training"] == "block_subset" for r in runs)
     for rule in ("rescale", "recalibrate", "ensemble"):  # each checkpoint keeps its own seed
-        assert sorted(r["seed"] for r in runs if r["test_mode"] == rule) == [0, 1, 2, 3]
+        assert sorted(r["seed"] for r in runs if r["test_mode"] == rule) == [0, 1]
     assert all(
         {"test_error_m1", "test_error_m16"} <= set(r) for r in runs if r["test_mode"] == "ensemble"
     )
@@ -410,7 +410,8 @@ def check_test_rules(command, tmp_path_factory, tmp_path):
     res = json.loads((copy / "outputs" / "report" / "effective_paths.json").read_text())
     rules = ["k=4/9", "k=4/9 ensemble", "k=4/9 recalibrate", "k=4/9 rescale"]
     assert sorted(res["comparisons"]) == rules
-    assert all(res["comparisons"][r]["paired_t"]["seeds"] == 4 for r in rules)
+    assert res["comparisons"]["k=4/9"]["paired_t"]["seeds"] == 4  # the sweep's own four
+    assert all(res["comparisons"][r]["paired_t"]["seeds"] == 2 for r in rules[1:])
     md = (copy / "outputs" / "report" / "effective_paths.md").read_text()
     assert "| M=1 | M=2 | M=4 | M=8 | M=16 |" in md
 
