@@ -61,10 +61,9 @@ class Duplicate(LesionStudy):
         baseline, errors = self.evaluate(trainer, pl_module, plans)
         info = net.block_info()
         rows = pd.DataFrame([{**info[i], "error": e} for i, e in zip(blocks, errors)])
-        rows["baseline"] = baseline
-        rows["bn"] = self.bn
+        rows = self.values(rows, "error", baseline)  # baseline and bn, as every lesion study
         summary = {
-            "baseline_error": baseline,
+            **self.baselines("error", baseline),
             "median_increase": float(rows.error.median() - baseline),
             "max_increase": float(rows.error.max() - baseline),
             "worst_block": int(rows.block[rows.error.idxmax()]),
