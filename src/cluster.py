@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -140,6 +141,18 @@ def watch_sigterm() -> None:
             previous(signum, frame)
 
     signal.signal(signal.SIGTERM, note)
+
+
+def terminating(grace_s: float = 15.0) -> bool:
+    """Whether Slurm is ending this job (requeue, preemption, scancel). Asked after a failure:
+    Slurm signals a job's processes one at a time, so a helper process (W&B's service) may die
+    and break this one before its own SIGTERM arrives; wait up to `grace_s` for it."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return False
+    end = time.monotonic() + grace_s
+    while not SIGTERMED["received"] and time.monotonic() < end:
+        time.sleep(0.1)  # the handler runs between sleeps
+    return SIGTERMED["received"]
 
 
 def requeued() -> bool:

@@ -23,7 +23,7 @@ from torchmetrics import MeanMetric
 from src import seeds
 from src.errors import ConfigError
 from src.models.network import Network, Plan
-from src.module import StepSchedule
+from src.module import StepSchedule, check_optimizer, make_optimizer
 from src.training import RequeueBetweenSteps, Standard, TrainingMode
 
 
@@ -48,10 +48,14 @@ class LanguageModel(L.LightningModule):
         warmup_steps: int = 20,
         warmup_lr: float = 3e-4,
         num_classes: int | None = None,
+        optimizer: str = "adamw",
+        momentum: float = 0.9,
+        nesterov: bool = False,
     ):
         super().__init__()
         if lr <= 0 or weight_decay < 0 or warmup_steps < 0:
             raise ConfigError("optim.lr must be positive; weight_decay and warmup_steps >= 0")
+        check_optimizer(optimizer)
         vocab = vocab_size(net)
         if num_classes is not None and vocab is not None and vocab < num_classes:
             raise ConfigError(
@@ -67,7 +71,14 @@ class LanguageModel(L.LightningModule):
                 "(ensembles and batch-norm re-estimation apply to image classifiers)"
             )
         self.seed: int | None = None
-        self.optim = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas))
+        self.optim = dict(
+            name=optimizer,
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            betas=tuple(betas),
+        )
         self.schedule = StepSchedule(lr, milestones, gamma, warmup_steps, warmup_lr)
         self.metrics = torch.nn.ModuleDict(
             {f"{s}_{m}": MeanMetric() for s in ("val", "test") for m in ("loss", "error")}
@@ -134,9 +145,6 @@ class LanguageModel(L.LightningModule):
         self._epoch_end("test")
 
     def configure_optimizers(self):
-        decay = [p for p in self.parameters() if p.ndim >= 2]  # matrices; not norms and biases
-        rest = [p for p in self.parameters() if p.ndim < 2]
-        groups = [{"params": decay}, {"params": rest, "weight_decay": 0.0}]
-        opt = torch.optim.AdamW(groups, **self.optim)
+        opt = make_optimizer(self, **self.optim, fused=self.device.type == "cuda")
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -45,6 +45,43 @@ class StepSchedule:
         return self.gamma ** sum(step >= m for m in self.milestones)
 
 
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def check_optimizer(name: str) -> None:
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"optim.optimizer={name}: choose one of {', '.join(OPTIMIZERS)}")
+
+
+def make_optimizer(
+    module: torch.nn.Module,
+    name: str,
+    lr: float,
+    weight_decay: float,
+    momentum: float = 0.9,
+    nesterov: bool = False,
+    betas: Sequence[float] = (0.9, 0.999),
+    fused: bool = False,
+) -> torch.optim.Optimizer:
+    """The paper's SGD (weight decay on every parameter), or AdamW for transformers (decay on
+    matrices only, not on norms, biases and the like). `fused`: one kernel per step (CUDA)."""
+    check_optimizer(name)
+    extra = {"fused": True} if fused else {}
+    if name == "sgd":
+        return torch.optim.SGD(
+            module.parameters(),
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            **extra,
+        )
+    decay = [p for p in module.parameters() if p.ndim >= 2]
+    rest = [p for p in module.parameters() if p.ndim < 2]
+    groups = [{"params": decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, betas=tuple(betas), **extra)
+
+
 def _log(probs: torch.Tensor) -> torch.Tensor:
     """Logits of an averaged prediction (finite where a probability underflowed to 0)."""
     return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
@@ -64,16 +101,26 @@ class Classifier(L.LightningModule):
         warmup_steps: int = 400,
         warmup_lr: float = 0.01,
         num_classes: int = 10,
+        optimizer: str = "sgd",
+        betas: Sequence[float] = (0.9, 0.999),
     ):
         super().__init__()
         if lr <= 0 or weight_decay < 0 or warmup_steps < 0:
             raise ConfigError("optim.lr must be positive; weight_decay and warmup_steps >= 0")
+        check_optimizer(optimizer)
         self.net = net
         self.mode = mode or Standard()
         self.mode.check(net)
         self.seed: int | None = None  # the run's seed, set in `setup`
         self.schedule = StepSchedule(lr, milestones, gamma, warmup_steps, warmup_lr)
-        self.optim = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+        self.optim = dict(
+            name=optimizer,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            betas=tuple(betas),
+        )
         names = ["train_acc", "val_acc", "test_acc"]
         names += [f"test_acc_m{m}" for m in self.mode.ensemble_sizes()]  # one per m: DDP-synced
         self.metrics = torch.nn.ModuleDict(
@@ -209,7 +256,6 @@ class Classifier(L.LightningModule):
         self._eval_step(batch, "test")
 
     def configure_optimizers(self):
-        fused = {"fused": True} if self.device.type == "cuda" else {}  # one kernel per step
-        opt = torch.optim.SGD(self.parameters(), **self.optim, **fused)
+        opt = make_optimizer(self, **self.optim, fused=self.device.type == "cuda")
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

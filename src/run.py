@@ -22,7 +22,13 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from src import checkpoint
-from src.cluster import SIGTERMED, ddp_ranks_join_this_job, leave_ddp, requeued, watch_sigterm
+from src.cluster import (
+    ddp_ranks_join_this_job,
+    leave_ddp,
+    requeued,
+    terminating,
+    watch_sigterm,
+)
 from src.data import DataUnavailable
 from src.errors import ConfigError, check_choices, exit_with, validate
 from src.results import write_json
@@ -174,7 +180,7 @@ def main(cfg: DictConfig) -> float | None:
     except USER_ERRORS as err:
         exit_with(err)
     except BaseException:  # Lightning ends a fit on SIGTERM with SIGTERMException(SystemExit)
-        if SIGTERMED["received"]:
+        if terminating():
             # Slurm is requeueing this job and its SIGTERM broke something on the way (e.g. it
             # killed W&B's service): report no result, so the requeued job runs and reports.
             log.warning("failed after SIGTERM under Slurm; exiting for the requeued job to resume")

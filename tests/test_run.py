@@ -6,6 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +19,7 @@ from src.cluster import check_request, partition_nodes
 from src.data import DigitsDataModule
 from src.errors import ConfigError
 from src.models import preact_resnet_cifar
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 
 TINY = ("preset=quick", "model=resnet20", "trainer.max_steps=30")
 
@@ -136,6 +139,44 @@ def test_bad_input_gets_one_line_error_and_nonzero_exit(tmp_path):
 
 
 NODE = {"partition": "small", "cpus": 2, "mem_mb": 8000, "gpus": 0}
+
+
+TERMINATING = """
+import os, signal, sys, threading
+from src.cluster import terminating, watch_sigterm
+watch_sigterm()
+if sys.argv[1] == "late":  # the job's SIGTERM arrives after the failure it caused
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+print(terminating(grace_s=float(sys.argv[2])))
+"""
+
+
+@pytest.mark.parametrize(
+    "slurm, signal_, expected",
+    [(True, "late", "True"), (True, "none", "False"), (False, "late", "False")],
+)
+def test_a_failure_just_before_slurms_sigterm_counts_as_termination(slurm, signal_, expected):
+    """Slurm signals a job's processes one by one: W&B's service can die (and break training)
+    before the training process gets its own SIGTERM. Such a failure must not be reported as the
+    job's result (the requeued job reports), so `terminating` waits a grace period for the signal;
+    outside Slurm it answers at once and a SIGTERM ends the process as usual."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    if slurm:
+        env["SLURM_JOB_ID"] = "1"
+    grace = "5" if signal_ == "late" else "0.3"
+    res = subprocess.run(
+        [sys.executable, "-c", TERMINATING, signal_, grace],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.stdout.strip() == expected, res.stderr
+    if slurm:
+        assert res.returncode == 0, res.stderr
+    else:  # answered at once (a wait would have met the signal first), then SIGTERM ended it
+        assert res.returncode == -signal.SIGTERM
 
 
 def test_slurm_request_larger_than_any_node_is_refused():

@@ -151,6 +151,9 @@ def test_requeued_job_resumes_from_its_checkpoints(tmp_path):
             proc.kill()
         if job_id is not None:  # never leave the job behind (no-op once it has finished)
             subprocess.run(["scancel", job_id], capture_output=True)
+        if proc.returncode != 0:  # say why the sweep failed: its own log and its job's logs
+            jobs = _job_logs(sweep) if (sweep / ".submitit").is_dir() else ""
+            print(f"sweep log:\n{out.read_text()[-4000:]}\njob logs:\n{jobs[-6000:]}")
     assert proc.returncode == 0, out.read_text()[-3000:]
 
     log = run_log.read_text()
