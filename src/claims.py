@@ -6,7 +6,9 @@ own statement (typed from the text); every other cell is computed from the resul
 claim without results for a data set says so. The verdict is per data set: `holds` or `fails`
 by the rule stated in the claim's `test`, `-` where nothing was measured.
 
-Lesion claims read the paper's lesions (`bn=eval`, the trained statistics) of standard training;
+The claims are the paper's, about convolutional networks: runs of transformers (their block
+tables name a branch `kind`, attention or MLP) are left out; experiments/transformers.md sets them
+beside the paper. Lesion claims read the paper's lesions (`bn=eval`, the trained statistics) of standard training;
 Fig. 8 compares stochastic-depth with standard training; Sec. 5 uses the sweep report's arms.
 """
 
@@ -218,6 +220,11 @@ CLAIMS = (
 def table(runs: pd.DataFrame, tables: pd.DataFrame) -> pd.DataFrame:
     """One row per claim: figure, paper, test, then per data set the measured value, then the
     verdict per data set."""
+    if "kind" in tables and "run_dir" in tables:  # transformers: not the paper's networks
+        transformer = set(tables.run_dir[tables.kind.notna()])
+        tables = tables[~tables.run_dir.isin(transformer)]
+        if "run_dir" in runs:
+            runs = runs[~runs.run_dir.isin(transformer)]
     data = sorted(
         {d for frame in (runs, tables) if "data" in frame for d in frame.data.dropna().unique()}
     )

@@ -273,6 +273,12 @@ def test_claims_table_per_data_set(tmp_path):
         for k in range(6)
     ]
     run("digits", "resnet110", many, study="delete_many")
+    # a ViT on the same data (its blocks name a kind): not one of the paper's networks, left out
+    vit = [
+        dict(r, kind=("attn", "mlp")[b % 2], layer=b // 2)
+        for b, r in enumerate(single([0.9, 0.95, 0.9, 0.9], 0.02, down=()))
+    ]
+    run("digits", "vit_tiny", vit)
     rep.report(tmp_path)
     claims = pd.read_csv(tmp_path / "report" / "claims.csv").set_index("figure")
     assert list(claims.columns) == ["paper", "test", "digits", "fashion_mnist", "verdict"]
