@@ -7,9 +7,10 @@ claim without results for a data set says so. The verdict is per data set: `hold
 by the rule stated in the claim's `test`, `-` where nothing was measured.
 
 The claims are the paper's, about convolutional networks: runs of transformers (their block
-tables name a branch `kind`, attention or MLP) are left out; experiments/transformers.md sets them
-beside the paper. Lesion claims read the paper's lesions (`bn=eval`, the trained statistics) of standard training;
-Fig. 8 compares stochastic-depth with standard training; Sec. 5 uses the sweep report's arms.
+tables name a branch `kind`, attention or MLP) are left out; experiments/transformers.md sets
+them beside the paper. Lesion claims read the paper's lesions (`bn=eval`, the trained statistics)
+of standard training; Fig. 8 compares stochastic-depth with standard training; Sec. 5 uses the
+sweep report's arms.
 """
 
 from __future__ import annotations

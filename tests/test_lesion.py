@@ -321,3 +321,50 @@ def test_duplicating_a_block_equals_the_network_with_that_block_twice(resnet, da
     with pytest.raises(ConfigError, match="downsampling") as err:
         Duplicate(blocks=[down[0]]).check(resnet)
     assert "\n" not in str(err.value)
+
+
+def test_memory_budget_splits_batches_and_keeps_the_values(resnet, data, monkeypatch):
+    """A budget that fits 3 examples' cache: every cache the engine builds (after its one-example
+    probe) holds at most 3 examples; errors (counts) equal the unbudgeted ones exactly, losses up
+    to float32 rounding (a convolution's arithmetic depends on the batch size)."""
+    import src.engines.lesion as engine
+
+    x, y = data
+    with torch.inference_mode():
+        one = sum(h.element_size() * h.numel() for h in engine.plan_inputs(resnet, x[:1], FULL))
+    budget = 2 * one * 3 + one  # room for 3 examples (cache + one lesion's recomputation), not 4
+    with torch.inference_mode():
+        assert engine.micro_batch(resnet, x, FULL, budget) == 3
+        assert engine.micro_batch(resnet, x, FULL, None) is None
+    sizes = []
+    real = engine.plan_inputs
+    monkeypatch.setattr(
+        engine, "plan_inputs", lambda net, x, base: sizes.append(len(x)) or real(net, x, base)
+    )
+    plans = [lesion_plan(None, [i]) for i in range(resnet.n_blocks)]
+    plans += [lesion_plan(None, [0, 4]), lesion_plan(None, order=[0, 2, 1, *range(3, 9)])]
+    batches = [(x[:16], y[:16]), (x[16:], y[16:])]
+    for metric in ("error", "loss"):
+        sizes.clear()
+        budgeted = lesion_errors(resnet, plans, batches, memory=budget, metric=metric)
+        assert sizes[0] == 1 and max(sizes[1:]) == 3 and sum(sizes[1:]) == 40
+        whole = lesion_errors(resnet, plans, batches, metric=metric)
+        if metric == "error":
+            assert budgeted == whole
+        else:
+            assert budgeted[0] == pytest.approx(whole[0], rel=1e-6)
+            assert budgeted[1] == pytest.approx(whole[1], rel=1e-6)
+
+
+def test_memory_budget_forms():
+    from src.engines.lesion import parse_memory
+
+    assert parse_memory("512MB") == 512 * 2**20 and parse_memory("4gb") == 4 * 2**30
+    assert parse_memory(1000) == 1000 and parse_memory("1.5K") == 1536
+    assert parse_memory("auto") == "auto" and parse_memory(None) is None
+    for bad in ("lots", "-1GB", 0, "4 GiB"):
+        with pytest.raises(ConfigError, match="memory=512MB") as err:
+            parse_memory(bad)
+        assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="memory=512MB"):
+        DeleteSingle(memory="plenty")

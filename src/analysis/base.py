@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from src import figures, results
-from src.engines.lesion import check_metric
+from src.engines.lesion import check_metric, parse_memory
 from src.errors import ConfigError
 from src.models.network import Network, Plan
 
@@ -99,6 +99,8 @@ class LesionStudy(AnalysisCallback):
     reuse:      True: the exact reusing engine; False: a fresh forward per lesion (reference).
     device:     where the sweep runs (None: where the network is after testing).
     batch_size: test examples per engine batch (None: the data module's eval batch size).
+    memory:     the engine's cache budget: bytes, "512MB", "4GB", "auto" (half the free device
+                memory) or None (no limit); batches are split to fit, the values stay the same.
     progress:   show a progress bar over lesions.
     label:      how this run is named in plots that overlay several runs.
     bn:         "eval": the trained running statistics (the paper's lesions); "recalibrate":
@@ -126,6 +128,7 @@ class LesionStudy(AnalysisCallback):
         bn: str = "eval",
         bn_batches: int = 20,
         metric: str | None = None,
+        memory: int | str | None = None,
     ):
         if batch_size is not None and int(batch_size) < 1:
             raise ConfigError(f"{self.name}.batch_size must be positive, got {batch_size}")
@@ -138,6 +141,7 @@ class LesionStudy(AnalysisCallback):
         self.batch_size = None if batch_size is None else int(batch_size)
         self.bn, self.bn_batches = bn, int(bn_batches)
         self.metric = None if metric is None else check_metric(metric)
+        self.memory = parse_memory(memory)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Check the study's arguments against the network (and the device) before anything is
@@ -242,4 +246,5 @@ class LesionStudy(AnalysisCallback):
             progress=self.progress,
             description=self.name,
             metric=metric,
+            memory=self.memory,
         )

@@ -13,6 +13,11 @@ i; delete-many and reorder reuse the prefix before their first changed position.
 after p runs exactly as in a fresh forward, so results equal naive evaluation (`reuse=False`,
 a fresh `net(x, plan)` per lesion: the reference for tests and benchmarks).
 
+Memory: the cache holds n + 1 activations per example. With a `memory` budget (bytes, "512MB",
+"4GB", or "auto": half of what the device has free) the engine measures one example's cache and
+splits every test batch into micro-batches whose cache fits the budget; the sums are per example,
+so the values are the same as with whole batches (tested).
+
 `recalibrated_errors` separates stale batch-norm statistics from lost paths (issue 9): every
 plan, and the base, is tested with BN running statistics re-estimated under that plan on given
 training batches (`src/bn.py`); the weights are never touched and the statistics are restored
@@ -23,6 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
@@ -94,6 +101,47 @@ def check_plans(net: Network, plans: Sequence[Plan]) -> None:
             plan.validate(net.n_blocks)
         except ValueError as err:
             raise ConfigError(f"{err}; fix the lesion's block indices") from None
+
+
+UNITS = {"": 1, "B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}
+
+
+def parse_memory(memory: int | float | str | None) -> int | str | None:
+    """A memory budget in bytes from 1_000_000, "512MB", "4GB" (binary units); "auto" and None
+    pass through. A ConfigError names the accepted forms."""
+    if memory is None or memory == "auto":
+        return memory
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?B?)\s*", str(memory).upper())
+    if m is None or float(m.group(1)) <= 0:
+        raise ConfigError(
+            f"memory={memory!r}: give a positive number of bytes, e.g. memory=512MB or "
+            "memory=4GB, memory=auto (half the free device memory), or memory=null (no limit)"
+        )
+    unit = m.group(2) if m.group(2).endswith("B") or not m.group(2) else m.group(2) + "B"
+    return int(float(m.group(1)) * UNITS[unit])
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on `device`: CUDA's own count, else the host's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:  # Linux; elsewhere: physical pages as an upper bound
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def micro_batch(net: Network, x: Tensor, base: Plan, memory: int | str | None) -> int | None:
+    """Examples per micro-batch so that the block-input cache (and one lesion's recomputation,
+    counted as much again) fits `memory`; None: no limit. Call in eval mode on the device."""
+    memory = parse_memory(memory)
+    if memory is None:
+        return None
+    if memory == "auto":
+        memory = free_memory(x.device) // 2
+    per_example = sum(h.element_size() * h[:1].numel() for h in plan_inputs(net, x[:1], base))
+    return max(1, int(memory // (2 * per_example)))
 
 
 def rebatch(batches: Iterable[tuple[Tensor, Tensor]], size: int | None) -> Iterator:
@@ -180,13 +228,15 @@ def lesion_errors(
     progress: bool = False,
     description: str = "lesions",
     metric: str = "error",
+    memory: int | str | None = None,
 ) -> tuple[float, list[float]]:
     """`metric` of `net` under `base` and under each plan in `plans` (error: fractions in
     [0, 1]; loss: mean cross-entropy per target), in one pass over `batches`, with BN in eval
-    mode on `device` (None: where the net is)."""
+    mode on `device` (None: where the net is), the cache within `memory` (see the module doc)."""
     check_metric(metric)
+    parse_memory(memory)
     check_plans(net, [FULL if base is None else base, *plans])
-    total = 0
+    total, micro = 0, None
     with eval_mode(net, device) as dev, _progress(progress) as bar:
         dtype = torch.long if metric == "error" else torch.float64  # error: exact counts
         sums = torch.zeros(len(plans) + 1, dtype=dtype, device=dev)  # first: the base
@@ -194,9 +244,13 @@ def lesion_errors(
         for b, (x, y) in enumerate(rebatch(batches, batch_size)):
             bar.reset(task, description=f"{description} (test batch {b + 1})")
             x, y = x.to(dev), y.to(dev)
-            for k, logits in enumerate(lesion_logits(net, x, plans, base, reuse)):
-                sums[k] += metric_sum(metric, logits, y)
-                bar.advance(task, advance=int(k > 0))
+            if b == 0 and memory is not None:
+                micro = micro_batch(net, x, FULL if base is None else base, memory)
+            parts = list(zip(x.split(micro or len(x)), y.split(micro or len(y)), strict=True))
+            for i, (xm, ym) in enumerate(parts):
+                for k, logits in enumerate(lesion_logits(net, xm, plans, base, reuse)):
+                    sums[k] += metric_sum(metric, logits, ym)
+                    bar.advance(task, advance=int(k > 0 and i == len(parts) - 1))
             total += y.numel()
     if total == 0:
         raise ConfigError("the test split is empty: nothing to evaluate lesions on")
