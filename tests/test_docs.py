@@ -77,6 +77,7 @@ def words(command: str, subs: dict[str, str] | None = None) -> list[str]:
 SHORTEN = {
     "train": ["trainer.max_steps=20"],
     "delete_many": ["callbacks.delete_many.trials=2"],
+    "bn": ["callbacks.delete_many.bn_batches=2"],  # BN re-estimated on 2 batches, not 20
     "reorder": ["callbacks.reorder.trials=2"],
     "gradient_paths": ["callbacks.gradient_paths.samples=2", "callbacks.gradient_paths.batches=1"],
 }
@@ -229,6 +230,34 @@ def check_quick_experiment(command, tmp_path_factory, tmp_path):
         assert [int(r["block"]) for r in rows] == [i for i in range(54) if i not in (18, 36)]
         assert all(r["downsampling"] == "False" for r in rows)
     assert_figure(run / "analysis" / f"{experiment.replace('imagenet_', '')}.png")
+
+
+def check_vit_lesions(command, tmp_path_factory, tmp_path):
+    """`experiment=vit_lesions preset=quick`: a ViT arm and a ResNet-110 arm on the same digits,
+    every study on both, overlays once per sweep."""
+    copy = fresh_copy(tmp_path)
+    run_cli(*shortened(command, "delete_many", "reorder", "gradient_paths"), cwd=copy)
+    sweep = sweep_dir(copy, "vit_lesions")
+    vit, resnet = (json.loads((sweep / j / "metrics.json").read_text()) for j in ("0", "1"))
+    assert (vit["model"], vit["n_blocks"], resnet["model"], resnet["n_blocks"]) == (
+        "vit_tiny",
+        24,
+        "resnet110",
+        54,
+    )
+    assert vit["data"] == resnet["data"] == "digits" and vit["global_step"] == 20
+    single = analysis(sweep / "0", "delete_single")
+    assert [(int(r["layer"]), r["kind"]) for r in single] == [
+        (b // 2, ("attn", "mlp")[b % 2]) for b in range(24)
+    ]
+    assert len(analysis(sweep / "0", "reorder")) == 8 * 2
+    lengths = {int(r["length"]) for r in analysis(sweep / "0", "gradient_paths")}
+    assert lengths == set(range(1, 25))
+    assert len(analysis(sweep / "1", "delete_single")) == 54
+    md = (sweep / "report" / "report.md").read_text()
+    assert "| arm=resnet110 | 1 |" in md and "| arm=vit | 1 |" in md
+    for study in ("delete_single", "delete_many", "reorder", "gradient_paths"):
+        assert_figure(sweep / "report" / f"{study}.png")
 
 
 def check_gradient_paths(command, tmp_path_factory, tmp_path):
@@ -477,7 +506,10 @@ def check_analyse_checkpoint(command, tmp_path_factory, tmp_path):
     ]
     work = tmp_path / "copy"
     shutil.copytree(copy, work)
-    run_cli(*args, *SHORTEN["delete_many"], cwd=work)
+    bn = "recalibrate" if "bn=recalibrate" in command else "eval"
+    run_cli(
+        *args, *SHORTEN["delete_many"], *(SHORTEN["bn"] if bn == "recalibrate" else []), cwd=work
+    )
     run = single_run(work, "delete_many")
     metrics = json.loads((run / "metrics.json").read_text())
     trained = json.loads((ckpt.parent.parent / "metrics.json").read_text())
@@ -485,7 +517,6 @@ def check_analyse_checkpoint(command, tmp_path_factory, tmp_path):
     assert metrics["test_error"] == pytest.approx(trained["test_error"], abs=1e-6)
     rows = analysis(run, "delete_many")
     assert len(rows) == 21 * 2
-    bn = "recalibrate" if "bn=recalibrate" in command else "eval"
     assert {r["bn"] for r in rows} == {bn}
     if bn == "recalibrate":  # statistics re-estimated per lesion: 10 deleted blocks barely hurt
         ten = [float(r["error"]) for r in rows if r["k"] == "10"]
@@ -540,6 +571,7 @@ RULES = [
     ),
     Rule(r"python -m src\.run experiment=(path_lengths|remaining_paths)", check_analytic),
     Rule(r"python -m src\.report (\S+|<multirun dir>)", check_report),
+    Rule(r"python -m src\.run experiment=vit_lesions preset=quick", check_vit_lesions),
     Rule(
         r"python -m src\.run experiment=lm_lesions (preset=quick|train=false model\.path=.*)",
         check_lm_lesions,
