@@ -374,7 +374,7 @@ def check_lm_lesions(command, tmp_path_factory, tmp_path):
 
     copy = fresh_copy(tmp_path)
     if "preset=quick" in command:
-        run_cli(*shortened(command, "delete_many", "reorder"), cwd=copy)
+        run_cli(*shortened(command, "delete_many", "reorder", "gradient_paths"), cwd=copy)
         blocks = 16
     else:  # a saved model and tokenizer, made here as a user's would be
         from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -397,7 +397,7 @@ def check_lm_lesions(command, tmp_path_factory, tmp_path):
             "<its tokenizer dir>": str(tmp_path / "tok"),
             "<a UTF-8 file>": str(tmp_path / "text.txt"),
         }
-        run_cli(*words(command, subs), cwd=copy)
+        run_cli(*words(command, subs), *SHORTEN["gradient_paths"], cwd=copy)
         blocks = 16
     run = single_run(copy, "lm_lesions")
     single = pd.read_csv(run / "analysis" / "delete_single.csv")
@@ -408,6 +408,11 @@ def check_lm_lesions(command, tmp_path_factory, tmp_path):
     ).abs().max() < 1e-6 * single.perplexity.max()
     for study in ("delete_many", "reorder"):
         assert set(pd.read_csv(run / "analysis" / f"{study}.csv").metric) == {"loss"}
+    # gradient per path length at the embedding output, and its exact per-length sums
+    paths = pd.read_csv(run / "analysis" / "gradient_paths.csv")
+    assert sorted(paths.length) == list(range(1, blocks + 1)) and (paths.grad_norm_mean > 0).all()
+    exact = pd.read_csv(run / "analysis" / "path_decomposition.csv")
+    assert sorted(exact.length) == list(range(blocks + 1))
 
 
 def check_test_rules(command, tmp_path_factory, tmp_path):

@@ -28,6 +28,7 @@ from src.engines.paths import (
     BN_MODES,
     ENGINES,
     WRT,
+    as_input,
     check_residual,
     gradient_plan,
     path_grad_norms,
@@ -128,7 +129,7 @@ class GradientPaths(AnalysisCallback):
         held = [xy for _, xy in zip(range(int(self.batches)), data)]  # fewer if the split is small
         norms = torch.empty(len(sampled), dtype=torch.float64)
         for b, (x, y) in enumerate(held):
-            x = x.to(dtype)
+            x = as_input(x, dtype)
             idx = list(range(b, len(sampled), len(held)))
             paths = [sampled[j][1] for j in idx]
             got = path_grad_norms(
@@ -160,7 +161,7 @@ class GradientPaths(AnalysisCallback):
         }
         exact = None
         if self.decomposition:
-            x, y = held[0][0].to(dtype), held[0][1]
+            x, y = as_input(held[0][0], dtype), held[0][1]
             exact = self.decomposition_table(measured, x, y, rows, plan)
             norms = exact.grad_norm_exact.tolist()
             e_lo, e_hi = shortest_window(norms, self.share)

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from src.engines.paths import (
     BlockVJPs,
+    as_input,
     gated_grad,
     gradient_plan,
     prepared,
@@ -115,7 +116,7 @@ def decompose(
     if method not in METHODS:
         raise ConfigError(f"method={method!r}: choose one of {', '.join(METHODS)}")
     net64 = prepared(net, bn, torch.float64)
-    x64 = x.detach().to(torch.float64)
+    x64 = as_input(x.detach(), torch.float64)
     if method == "propagate":
         return propagate(net64, x64, y, wrt, plan)
     return interpolate(net64, x64, y, wrt, plan)[0]

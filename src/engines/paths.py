@@ -61,6 +61,27 @@ def gradient_plan(base: Plan | None, **gate) -> Plan:
     return dataclasses.replace(base, **gate)
 
 
+def loss_of(logits: Tensor, y: Tensor) -> Tensor:
+    """Mean cross-entropy per target: (B, C) logits of a classifier, or (B, T, V) next-token
+    logits of a language model with (B, T) targets."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+def as_input(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """Images in the measuring dtype; integer inputs (a language model's tokens) as they are."""
+    return x.to(dtype) if x.is_floating_point() else x
+
+
+def check_wrt(x: Tensor, wrt: str) -> None:
+    if wrt not in WRT:
+        raise ConfigError(f"wrt={wrt!r}: choose 'input' (network input) or 'stem' (its output)")
+    if wrt == "input" and not x.is_floating_point():
+        raise ConfigError(
+            "wrt=input: this network's input is integer tokens, which have no gradient; use "
+            "wrt=stem (the gradient at the embedding output)"
+        )
+
+
 def check_residual(net: Network) -> None:
     plain = [i for i, b in enumerate(net.blocks) if not b.has_shortcut]
     if plain:
@@ -108,8 +129,7 @@ class BlockVJPs:
         batched: bool | None = None,
         plan: Plan | None = None,
     ):
-        if wrt not in WRT:
-            raise ConfigError(f"wrt={wrt!r}: choose 'input' (network input) or 'stem' (its output)")
+        check_wrt(x, wrt)
         check_residual(net)
         plan = gradient_plan(plan)
         plan.validate(net.n_blocks)
@@ -137,7 +157,7 @@ class BlockVJPs:
                     self.bypass.append(None if identity else block.merge(s, r.detach()))
                     out = block.merge(s, r)
                 h = out.detach().requires_grad_()
-            loss = F.cross_entropy(net.head(h), y)
+            loss = loss_of(net.head(h), y)
             self.g_top = torch.autograd.grad(loss, h)[0]
 
     def enterable(self, p: int) -> bool:
@@ -214,13 +234,14 @@ def fast_path_grads(
 
 def gated_grad(net: Network, x: Tensor, y: Tensor, plan: Plan, wrt: str = "input") -> Tensor:
     """Gradient of the batch-mean cross-entropy w.r.t. the input (or stem output) under `plan`."""
+    check_wrt(x, wrt)
     with torch.enable_grad():
         x = x.detach().requires_grad_(wrt == "input")
         h = net.stem(x)
         leaf = x
         if wrt == "stem":
             h = leaf = h.detach().requires_grad_()
-        loss = F.cross_entropy(net.head(net.trunk(h, plan)), y)
+        loss = loss_of(net.head(net.trunk(h, plan)), y)
         return torch.autograd.grad(loss, leaf)[0]
 
 
