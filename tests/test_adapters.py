@@ -131,6 +131,39 @@ def test_lesion_engine_prefix_reuse_equals_fresh_forwards_on_vit():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("mode", ["block_subset", "stochastic_depth"])
+def test_vit_training_plans_skip_branches_forward_and_backward(mode):
+    """k-of-n training and stochastic depth on a ViT's sub-layers: a step's plan runs only its
+    branches (the others get no gradient at all), with stochastic depth's 1/survival scaling."""
+    from src.training import BlockSubset, StochasticDepth
+
+    net = vit_network(tiny_vit()).train()
+    n = net.n_blocks
+    training = BlockSubset(k=2) if mode == "block_subset" else StochasticDepth(0.5)
+    training.check(net)
+    torch.manual_seed(3)
+    plan = training.train_plan(n)
+    while not 0 < len(plan.deleted) < n:
+        plan = training.train_plan(n)
+    net.zero_grad()
+    net(images(), plan).logsumexp(-1).mean().backward()
+    for i, block in enumerate(net.blocks):
+        grads = [p.grad for p in block.parameters()]
+        if i in plan.deleted:
+            assert all(g is None for g in grads), i
+        else:
+            assert any(g is not None and g.abs().sum() > 0 for g in grads), i
+    with torch.no_grad():  # the forward equals the hand-built sub-layers with those branches
+        vit, x = tiny_vit(), images()
+        h = vit._pos_embed(vit.patch_embed(x))
+        for i in range(n):
+            layer, branch = vit.blocks[i // 2], (attn_branch, mlp_branch)[i % 2]
+            if i not in plan.deleted:
+                h = h + branch(layer, h) * (plan.branch_scale[i] if plan.branch_scale else 1.0)
+        want = vit.forward_head(vit.norm(h))
+        torch.testing.assert_close(net.eval()(x, plan), want, rtol=1e-5, atol=1e-6)
+
+
 def test_fast_path_grads_equal_straightforward_on_vit():
     net = vit_network(tiny_vit())
     x, y = images(4), torch.tensor([0, 1, 2, 3])
