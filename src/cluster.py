@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
@@ -118,6 +117,8 @@ def leave_ddp() -> None:
     """Lightning's DDP launcher leaves its process group and rank variables (LOCAL_RANK, ...) in
     this process. Clear them after each job, so the next job of a local sweep starts its own ranks
     instead of taking LOCAL_RANK as a sign that someone else started them."""
+    import torch  # here: the entry point reports config errors without loading torch
+
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     for key in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE"):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -14,6 +13,10 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 class ConfigError(ValueError):
     """An invalid configuration value, caught before any work starts."""
+
+
+class DataUnavailable(RuntimeError):
+    """A dataset is neither on disk nor downloadable; the message names the fix."""
 
 
 def exit_with(err: BaseException, code: int = 2) -> None:
@@ -24,6 +27,8 @@ def exit_with(err: BaseException, code: int = 2) -> None:
 
 
 def check_device(cfg: DictConfig) -> None:
+    import torch  # here: a config error is reported without loading torch
+
     accelerator = str(cfg.trainer.get("accelerator", "auto"))
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(

@@ -15,13 +15,11 @@ import warnings
 from pathlib import Path
 
 import hydra
-import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from src import checkpoint
 from src.cluster import (
     ddp_ranks_join_this_job,
     leave_ddp,
@@ -29,8 +27,7 @@ from src.cluster import (
     terminating,
     watch_sigterm,
 )
-from src.data import DataUnavailable
-from src.errors import ConfigError, check_choices, exit_with, validate
+from src.errors import ConfigError, DataUnavailable, check_choices, exit_with, validate
 from src.results import write_json
 from src.rundir import refuse_to_overwrite, wandb_id
 
@@ -93,6 +90,18 @@ def train(cfg: DictConfig) -> dict:
         return {}
     validate(cfg)
     refuse_to_overwrite(output_dir, resuming=bool(cfg.resume) or requeued())
+    # Lightning and the checkpoint code load only now: a config error above exits within a
+    # second or two, not after importing the whole training stack
+    import lightning as L
+
+    from src import checkpoint
+
+    # Imported after Hydra configured logging, Lightning prints through Hydra's handlers (console
+    # and run.log) and also through the console handler it gives its `lightning` logger: drop
+    # that one, so each message appears once.
+    logging.getLogger("lightning").handlers.clear()
+    drop_noise()  # again: the handlers Lightning added on import
+
     choices = dict(HydraConfig.get().runtime.choices)
     ckpt, trained_seed = None, cfg.get("seed")
     if not cfg.train and cfg.ckpt_path:  # else a pretrained model.path brings its own weights

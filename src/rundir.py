@@ -14,7 +14,6 @@ from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from lightning.pytorch.loggers import WandbLogger as _WandbLogger
 from omegaconf import OmegaConf
 
 from src.errors import ConfigError
@@ -47,16 +46,6 @@ def wandb_group(experiment_name: str) -> str:
 
 OmegaConf.register_new_resolver("wandb_id", wandb_id, replace=True)
 OmegaConf.register_new_resolver("wandb_group", wandb_group, replace=True)
-
-
-class WandbLogger(_WandbLogger):
-    """Lightning's WandbLogger without its `anonymous=None` init argument, which current W&B
-    versions answer with a deprecation warning on every run."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        if self._wandb_init.get("anonymous") is None:
-            self._wandb_init.pop("anonymous", None)
 
 
 def finished_results(output_dir: Path) -> list[Path]:

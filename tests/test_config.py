@@ -98,6 +98,7 @@ def test_callbacks_and_loggers_build(tmp_path):
 def test_optim_and_preset(tmp_path):
     cfg = compose_cfg(["optim=paper"], tmp_path)
     assert dict(cfg.optim) == {
+        "optimizer": "sgd",
         "lr": 0.1,
         "momentum": 0.9,
         "weight_decay": 1e-4,

@@ -18,11 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from src import seeds
 from src.data.augment import Normalizer, random_crop_flip
 from src.data.sampler import EpochSampler, ResumableLoader
-from src.errors import ConfigError
-
-
-class DataUnavailable(RuntimeError):
-    """A dataset is neither on disk nor downloadable; the message names the fix."""
+from src.errors import ConfigError, DataUnavailable  # noqa: F401  (re-exported)
 
 
 def _unrepeated_sampler(dataset) -> DistributedSampler | None:
