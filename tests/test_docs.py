@@ -37,6 +37,7 @@ from tests.conftest import (
     run_cli,
     same_run_aside,
 )
+from tests.plots import colour_pixels
 
 DOCS = [REPO / "README.md", *sorted((REPO / "experiments").glob("*.md"))]
 HAS_SLURM = shutil.which("sinfo") is not None and (
@@ -275,11 +276,40 @@ def check_gradient_paths(command, tmp_path_factory, tmp_path):
         )
         metrics = json.loads((again / "metrics.json").read_text())
         assert metrics["model"] == "resnet110" and metrics["global_step"] == 0
+        check_gradient_outputs(again / "analysis", samples=2)
         return
     rows = analysis(run, "gradient_paths")
     assert [int(r["length"]) for r in rows] == list(range(1, 55))
     assert len(analysis(run, "path_decomposition")) == 55
     assert_figure(run / "analysis" / "gradient_paths.png")
+
+
+def check_gradient_outputs(out: Path, samples: int) -> None:
+    """Figs 6b/6c's tables, summary and figure of a 54-block ResNet: the gradient falls with
+    path length, the exact per-length sums sit beside the sampled estimate (count x mean)."""
+    rows = read_csv(out / "gradient_paths.csv")
+    assert own_columns(rows[0]) == ["length", "samples", "grad_norm_mean", "grad_norm_std"]
+    assert [int(r["length"]) for r in rows] == list(range(1, 55))
+    assert all(int(r["samples"]) == samples for r in rows)
+    summary = json.loads((out / "summary.json").read_text())["gradient_paths"]
+    assert summary["decay_rate"] < 0
+    lo, hi = summary["effective_window"]
+    assert 1 <= lo <= hi <= 54 and summary["effective_window_share"] >= 0.9
+    assert summary["residual_scale"] == 1.0 and summary["samples_per_length"] == samples
+    exact = read_csv(out / "path_decomposition.csv")
+    assert [int(r["length"]) for r in exact] == list(range(55))
+    assert [int(r["count"]) for r in exact] == [math.comb(54, k) for k in range(55)]
+    assert float(exact[0]["grad_norm_exact"]) > 0 and exact[0]["count_x_mean_norm"] == ""
+    for r, e in zip(rows, exact[1:]):  # Fig 6c's estimate beside the exact norm
+        want = math.comb(54, int(r["length"])) * float(r["grad_norm_mean"])
+        assert float(e["count_x_mean_norm"]) == pytest.approx(want, rel=1e-12)
+    assert summary["exact_peak_length"] == max(
+        range(55), key=lambda k: float(exact[k]["grad_norm_exact"])
+    )
+    # (a) path-length bars, (b) mean norms and the red decay fit, (c) shares incl. the exact G_k
+    colours = {"bars and means": "C0", "fit": "r", "exact": "C1"}
+    px = colour_pixels(out / "gradient_paths.png", (13, 3.4), colours)
+    assert px["bars and means"] > 1000 and px["fit"] > 200 and px["exact"] > 100, px
 
 
 def check_effective_paths(command, tmp_path_factory, tmp_path, sweep=None):

@@ -36,8 +36,7 @@ from src.module import Classifier
 from src.results import read_csv
 from src.stats import fit_decay, length_stats, total_gradient
 from src.training import BlockSubset
-from tests.conftest import own_columns, run_cli
-from tests.plots import colour_pixels
+from tests.conftest import run_cli
 from tests.test_training import quiet_trainer
 
 
@@ -267,45 +266,6 @@ def test_autograd_analysis_after_a_lesion_study_that_moved_the_network(tmp_path)
         float(r["grad_norm_mean"]) > 0 for r in rows
     )
     assert len(read_csv(tmp_path / "analysis" / "delete_single.csv")) == 1
-
-
-@pytest.mark.slow
-def test_end_to_end_quick_gradient_falls_with_length(trained, tmp_path):
-    ckpt = trained("resnet110") / "checkpoints" / "last.ckpt"
-    run_cli(
-        "experiment=gradient_paths",
-        "preset=quick",
-        "logger=csv",
-        "train=false",
-        f"ckpt_path={ckpt}",
-        "callbacks.gradient_paths.samples=3",
-        "callbacks.gradient_paths.batches=1",
-        f"hydra.run.dir={tmp_path}",
-    )
-    out = tmp_path / "analysis"
-    rows = read_csv(out / "gradient_paths.csv")
-    assert own_columns(rows[0]) == ["length", "samples", "grad_norm_mean", "grad_norm_std"]
-    assert [int(r["length"]) for r in rows] == list(range(1, 55))
-    assert all(int(r["samples"]) == 3 for r in rows)
-    summary = json.loads((out / "summary.json").read_text())["gradient_paths"]
-    assert summary["decay_rate"] < 0
-    lo, hi = summary["effective_window"]
-    assert 1 <= lo <= hi <= 54 and summary["effective_window_share"] >= 0.9
-    assert summary["residual_scale"] == 1.0 and summary["samples_per_length"] == 3
-    exact = read_csv(out / "path_decomposition.csv")
-    assert [int(r["length"]) for r in exact] == list(range(55))
-    assert [int(r["count"]) for r in exact] == [comb(54, k) for k in range(55)]
-    assert float(exact[0]["grad_norm_exact"]) > 0 and exact[0]["count_x_mean_norm"] == ""
-    for r, e in zip(rows, exact[1:]):  # Fig 6c's estimate beside the exact norm
-        want = comb(54, int(r["length"])) * float(r["grad_norm_mean"])
-        assert float(e["count_x_mean_norm"]) == pytest.approx(want, rel=1e-12)
-    assert summary["exact_peak_length"] == max(
-        range(55), key=lambda k: float(exact[k]["grad_norm_exact"])
-    )
-    # (a) path-length bars, (b) mean norms and the red decay fit, (c) shares incl. the exact G_k
-    colours = {"bars and means": "C0", "fit": "r", "exact": "C1"}
-    px = colour_pixels(out / "gradient_paths.png", (13, 3.4), colours)
-    assert px["bars and means"] > 1000 and px["fit"] > 200 and px["exact"] > 100, px
 
 
 @pytest.mark.slow

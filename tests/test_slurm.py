@@ -99,9 +99,11 @@ def _state(job_id: str) -> str:
 
 
 def _release(job_id: str, proc: subprocess.Popen) -> None:
-    """A requeued job waits ~2 min (BeginTime) before it may start again; start it now."""
+    """A requeued job waits ~2 min (BeginTime) before it may start again; start it in 10 s.
+    Not at once: slurmd revokes the previous attempt's credential a moment after the requeue,
+    and an attempt launched within that moment is killed ("Job credential revoked", FAILED)."""
     _wait(f"job {job_id} pending again", lambda: _state(job_id) == "PENDING", 120, proc)
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+10"], check=True)
 
 
 def test_requeued_job_resumes_from_its_checkpoints(tmp_path):
