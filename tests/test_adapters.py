@@ -5,6 +5,8 @@ Tiny random models, nothing downloaded (HF_HUB_OFFLINE is set before transformer
 
 # ruff: noqa: E402
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -25,6 +27,7 @@ from src.errors import ConfigError
 from src.models import Plan, preact_resnet_cifar
 from src.models.hf_adapters import causal_lm_network, hf_causal_lm
 from src.models.timm_adapters import resnetv2_network, vit_network
+from tests.conftest import REPO
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 VOCAB = 40
@@ -387,6 +390,32 @@ def test_missing_model_path_is_a_one_line_config_error(tmp_path):
     with pytest.raises(InstantiationException) as err:  # src.run reports the cause in one line
         instantiate(cfg.model, _convert_="all", in_channels=1, num_classes=10)
     assert isinstance(err.value.__cause__, ConfigError)
+
+
+HUB = """
+from src.errors import ConfigError
+from src.data.text import load_tokenizer
+from src.models.hf_adapters import hf_causal_lm
+for load, value in ((hf_causal_lm, "gpt2"), (load_tokenizer, "org/name")):
+    try:
+        load(value)
+    except ConfigError as err:
+        print(err)
+"""
+
+
+def test_a_hub_id_without_network_is_a_one_line_config_error():
+    """`model.path=gpt2` / `data.tokenizer=org/name` go to the Hugging Face Hub (a path-like value
+    never does); without network (HF_HUB_OFFLINE=1 here) each is one line naming the fix."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run(
+        [sys.executable, "-c", HUB], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    lines = res.stdout.splitlines()
+    assert len(lines) == 2, res.stdout + res.stderr
+    for line, key in zip(lines, ("model.path=gpt2", "data.tokenizer=org/name")):
+        assert line.startswith(f"{key} is not a local directory and the Hugging Face Hub")
+        assert "save_pretrained" in line and "couldn't connect" in line
 
 
 @pytest.mark.parametrize("model", ["vit_tiny", "vit_digits", "timm_resnetv2", "hf_causal_lm"])

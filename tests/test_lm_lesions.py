@@ -113,7 +113,7 @@ def test_text_data_one_line_errors(tmp_path):
         TextDataModule(text_file=str(tmp_path / "missing.txt"))
     with pytest.raises(ConfigError, match="seq_len"):
         TextDataModule(seq_len=0)
-    with pytest.raises(ConfigError, match="holds no tokenizer"):
+    with pytest.raises(ConfigError, match="holds nothing AutoTokenizer can read"):
         TextDataModule(tokenizer=str(tmp_path))
     short = tmp_path / "short.txt"
     short.write_text("tiny")

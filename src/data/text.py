@@ -45,18 +45,12 @@ def read_text(text_file: str | None) -> str:
 
 
 def load_tokenizer(directory: str):
-    """A Hugging Face tokenizer from a local directory (nothing is downloaded)."""
-    path = Path(str(directory)).expanduser()
-    try:
-        from transformers import AutoTokenizer
+    """A Hugging Face tokenizer from a local directory, or a Hub id (src/hub.py)."""
+    from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as err:
-        reason = " ".join(str(err).split())[:120]
-        raise ConfigError(
-            f"data.tokenizer={directory} holds no tokenizer ({reason}): pass the directory a "
-            "tokenizer was saved to (save_pretrained), or data.tokenizer=null for bytes"
-        ) from None
+    from src.hub import from_pretrained
+
+    return from_pretrained(AutoTokenizer.from_pretrained, directory, "data.tokenizer")
 
 
 def windows(ids: torch.Tensor, seq_len: int) -> TensorDataset:

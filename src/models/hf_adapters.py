@@ -16,14 +16,13 @@ No padding mask: every sequence is full length.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.masking_utils import create_causal_mask
 
 from src.errors import ConfigError
+from src.hub import from_pretrained
 from src.models.network import Block, Network
 
 
@@ -126,9 +125,10 @@ def hf_causal_lm(
     in_channels: int | None = None,
     num_classes: int | None = None,
 ) -> Network:
-    """A causal LM from a local `save_pretrained` directory (`path`, nothing is downloaded; it
-    wins over `config`), or with random weights from `config` (`model_type` plus its sizes, e.g.
-    gpt2 with n_layer=2). `in_channels`/`num_classes` (passed by the entry point for image data)
+    """A causal LM from a local `save_pretrained` directory or a Hugging Face Hub id (`path`,
+    src/hub.py: downloaded only for a Hub id, where there is network; it wins over `config`),
+    or with random weights from `config` (`model_type` plus its sizes, e.g. gpt2 with
+    n_layer=2). `in_channels`/`num_classes` (passed by the entry point for image data)
     are not used: the classes of an LM are its vocabulary."""
     if path is None and config is None:
         raise ConfigError(
@@ -141,16 +141,10 @@ def hf_causal_lm(
             cfg, attn_implementation=attn_implementation, dtype=getattr(torch, dtype)
         )
     else:
-        directory = Path(path).expanduser()
-        if not directory.is_dir():
-            raise ConfigError(
-                f"model.path={path} is not a directory: pass model.path=<a local directory "
-                "written by save_pretrained> or model.config={model_type: gpt2, ...} for random "
-                "weights"
-            )
-        model = AutoModelForCausalLM.from_pretrained(
-            directory,
-            local_files_only=True,
+        model = from_pretrained(
+            AutoModelForCausalLM.from_pretrained,
+            path,
+            "model.path",
             attn_implementation=attn_implementation,
             dtype=getattr(torch, dtype),
         )
