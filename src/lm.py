@@ -23,7 +23,7 @@ from torchmetrics import MeanMetric
 from src import seeds
 from src.errors import ConfigError
 from src.models.network import Network, Plan
-from src.module import StepSchedule, check_optimizer, make_optimizer
+from src.module import Recipe
 from src.training import RequeueBetweenSteps, Standard, TrainingMode
 
 
@@ -53,9 +53,18 @@ class LanguageModel(L.LightningModule):
         nesterov: bool = False,
     ):
         super().__init__()
-        if lr <= 0 or weight_decay < 0 or warmup_steps < 0:
-            raise ConfigError("optim.lr must be positive; weight_decay and warmup_steps >= 0")
-        check_optimizer(optimizer)
+        self.recipe = Recipe(
+            optimizer,
+            lr,
+            weight_decay,
+            momentum,
+            nesterov,
+            betas,
+            milestones,
+            gamma,
+            warmup_steps,
+            warmup_lr,
+        )
         vocab = vocab_size(net)
         if num_classes is not None and vocab is not None and vocab < num_classes:
             raise ConfigError(
@@ -71,15 +80,6 @@ class LanguageModel(L.LightningModule):
                 "(ensembles and batch-norm re-estimation apply to image classifiers)"
             )
         self.seed: int | None = None
-        self.optim = dict(
-            name=optimizer,
-            lr=lr,
-            weight_decay=weight_decay,
-            momentum=momentum,
-            nesterov=nesterov,
-            betas=tuple(betas),
-        )
-        self.schedule = StepSchedule(lr, milestones, gamma, warmup_steps, warmup_lr)
         self.metrics = torch.nn.ModuleDict(
             {f"{s}_{m}": MeanMetric() for s in ("val", "test") for m in ("loss", "error")}
         )
@@ -145,6 +145,4 @@ class LanguageModel(L.LightningModule):
         self._epoch_end("test")
 
     def configure_optimizers(self):
-        opt = make_optimizer(self, **self.optim, fused=self.device.type == "cuda")
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.schedule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return self.recipe.configure(self)

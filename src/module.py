@@ -13,6 +13,7 @@ softmax is averaged; then `test/error_m<m>` is the error of the first m members'
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import lightning as L
 import torch
@@ -53,33 +54,56 @@ def check_optimizer(name: str) -> None:
         raise ConfigError(f"optim.optimizer={name}: choose one of {', '.join(OPTIMIZERS)}")
 
 
-def make_optimizer(
-    module: torch.nn.Module,
-    name: str,
-    lr: float,
-    weight_decay: float,
-    momentum: float = 0.9,
-    nesterov: bool = False,
-    betas: Sequence[float] = (0.9, 0.999),
-    fused: bool = False,
-) -> torch.optim.Optimizer:
-    """The paper's SGD (weight decay on every parameter), or AdamW for transformers (decay on
-    matrices only, not on norms, biases and the like). `fused`: one kernel per step (CUDA)."""
-    check_optimizer(name)
-    extra = {"fused": True} if fused else {}
-    if name == "sgd":
-        return torch.optim.SGD(
-            module.parameters(),
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            nesterov=nesterov,
-            **extra,
+@dataclass(frozen=True)
+class Recipe:
+    """The optimizer and its lr schedule (`optim.*`), for every LightningModule here: the paper's
+    SGD (weight decay on every parameter), or AdamW for transformers (decay on matrices only, not
+    on norms, biases and the like); warm-up, then lr x gamma at each milestone."""
+
+    optimizer: str
+    lr: float
+    weight_decay: float
+    momentum: float
+    nesterov: bool
+    betas: Sequence[float]
+    milestones: Sequence[int]
+    gamma: float
+    warmup_steps: int
+    warmup_lr: float
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0:
+            raise ConfigError("optim.lr must be positive; weight_decay and warmup_steps >= 0")
+        check_optimizer(self.optimizer)
+
+    def make_optimizer(self, module: torch.nn.Module, fused: bool = False) -> torch.optim.Optimizer:
+        """`fused`: one kernel per step (CUDA)."""
+        extra = {"fused": True} if fused else {}
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(
+                module.parameters(),
+                lr=self.lr,
+                momentum=self.momentum,
+                weight_decay=self.weight_decay,
+                nesterov=self.nesterov,
+                **extra,
+            )
+        decay = [p for p in module.parameters() if p.ndim >= 2]
+        rest = [p for p in module.parameters() if p.ndim < 2]
+        groups = [{"params": decay}, {"params": rest, "weight_decay": 0.0}]
+        betas = tuple(self.betas)
+        return torch.optim.AdamW(
+            groups, lr=self.lr, weight_decay=self.weight_decay, betas=betas, **extra
         )
-    decay = [p for p in module.parameters() if p.ndim >= 2]
-    rest = [p for p in module.parameters() if p.ndim < 2]
-    groups = [{"params": decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, betas=tuple(betas), **extra)
+
+    def configure(self, module: L.LightningModule) -> dict:
+        """What `configure_optimizers` returns: the optimizer, the schedule stepped per batch."""
+        opt = self.make_optimizer(module, fused=module.device.type == "cuda")
+        schedule = StepSchedule(
+            self.lr, self.milestones, self.gamma, self.warmup_steps, self.warmup_lr
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 def _log(probs: torch.Tensor) -> torch.Tensor:
@@ -105,22 +129,22 @@ class Classifier(L.LightningModule):
         betas: Sequence[float] = (0.9, 0.999),
     ):
         super().__init__()
-        if lr <= 0 or weight_decay < 0 or warmup_steps < 0:
-            raise ConfigError("optim.lr must be positive; weight_decay and warmup_steps >= 0")
-        check_optimizer(optimizer)
+        self.recipe = Recipe(
+            optimizer,
+            lr,
+            weight_decay,
+            momentum,
+            nesterov,
+            betas,
+            milestones,
+            gamma,
+            warmup_steps,
+            warmup_lr,
+        )
         self.net = net
         self.mode = mode or Standard()
         self.mode.check(net)
         self.seed: int | None = None  # the run's seed, set in `setup`
-        self.schedule = StepSchedule(lr, milestones, gamma, warmup_steps, warmup_lr)
-        self.optim = dict(
-            name=optimizer,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            nesterov=nesterov,
-            betas=tuple(betas),
-        )
         names = ["train_acc", "val_acc", "test_acc"]
         names += [f"test_acc_m{m}" for m in self.mode.ensemble_sizes()]  # one per m: DDP-synced
         self.metrics = torch.nn.ModuleDict(
@@ -256,6 +280,4 @@ class Classifier(L.LightningModule):
         self._eval_step(batch, "test")
 
     def configure_optimizers(self):
-        opt = make_optimizer(self, **self.optim, fused=self.device.type == "cuda")
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.schedule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return self.recipe.configure(self)

@@ -443,6 +443,8 @@ def check_lm_lesions(command, tmp_path_factory, tmp_path):
     assert sorted(paths.length) == list(range(1, blocks + 1)) and (paths.grad_norm_mean > 0).all()
     exact = pd.read_csv(run / "analysis" / "path_decomposition.csv")
     assert sorted(exact.length) == list(range(blocks + 1))
+    # their values are norms of the loss's gradient, for a language model as for a classifier
+    assert set(paths.metric) == set(exact.metric) == {"grad_norm"}
 
 
 def check_test_rules(command, tmp_path_factory, tmp_path):

@@ -12,7 +12,7 @@ import torch
 from src.data import DigitsDataModule, SyntheticDataModule
 from src.errors import ConfigError
 from src.models import Plan, preact_resnet_cifar, vgg15
-from src.module import Classifier, StepSchedule
+from src.module import Classifier, Recipe, StepSchedule
 from src.training import BlockSubset, Standard, StochasticDepth
 from tests.conftest import run_cli
 
@@ -94,6 +94,22 @@ def test_paper_lr_schedule():
     assert 0.1 * s(400) == pytest.approx(0.1)
     assert 0.1 * s(32000) == pytest.approx(0.01)
     assert 0.1 * s(48000) == pytest.approx(0.001)
+
+
+def test_recipe_builds_the_optimizer_each_module_configures():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    kw = dict(weight_decay=0.1, momentum=0.9, nesterov=False, betas=(0.9, 0.95), milestones=[2])
+    kw |= dict(gamma=0.1, warmup_steps=1, warmup_lr=0.01)
+    sgd = Recipe("sgd", 0.1, **kw).make_optimizer(net)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["weight_decay"] == 0.1
+    adamw = Recipe("adamw", 0.1, **kw).make_optimizer(net)
+    decayed, free = adamw.param_groups  # matrices decay; biases and norm weights do not
+    assert [p.ndim for p in decayed["params"]] == [2] and decayed["weight_decay"] == 0.1
+    assert len(free["params"]) == 3 and free["weight_decay"] == 0.0
+    assert adamw.param_groups[0]["betas"] == (0.9, 0.95)
+    for bad in (dict(optimizer="adam"), dict(lr=0.0), dict(weight_decay=-1.0)):
+        with pytest.raises(ConfigError, match="optim"):
+            Recipe(**{"optimizer": "sgd", "lr": 0.1, **kw, **bad})
 
 
 def quiet_trainer(root, **kwargs) -> L.Trainer:

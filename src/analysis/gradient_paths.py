@@ -39,6 +39,8 @@ from src.errors import ConfigError
 from src.models.network import Plan
 from src.stats import fit_decay, length_stats, total_gradient
 
+GRAD = "grad_norm"  # the tables' `metric`: norms of the training loss's gradient
+
 
 class GradientPaths(AnalysisCallback):
     """Figs 6b/6c after testing: `samples` random paths of each length in `lengths` (None: 1..n),
@@ -172,9 +174,9 @@ class GradientPaths(AnalysisCallback):
                 "exact_full_grad_norm": full,
                 "exact_sum_of_norms_over_full": math.fsum(norms) / full if full else None,
             }
-            self.record(trainer, pl_module, exact, study="path_decomposition")
+            self.record(trainer, pl_module, exact, study="path_decomposition", metric=GRAD)
         fig = figures.gradient_paths(n, rows, fit, totals, (lo, hi), exact)
-        self.record(trainer, pl_module, rows, summary, fig)
+        self.record(trainer, pl_module, rows, summary, fig, metric=GRAD)
 
     def decomposition_table(self, net, x, y, rows: pd.DataFrame, plan) -> pd.DataFrame:
         """Exact ||G_k|| per length k beside Fig 6c's estimate C(n, k) x mean path norm."""
