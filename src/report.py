@@ -145,14 +145,27 @@ def headline(study: str, t: pd.DataFrame) -> str:
 def effective_paths(runs: pd.DataFrame, out: Path, alpha: float) -> list[str]:
     """Sec. 5 (block-subset vs full training) when the runs hold both arms: every block-subset
     checkpoint tested under each rule it was tested with (test_mode) is an arm of its own, paired
-    with full training by seed. Report lines."""
+    with full training by seed. One comparison per data set (`effective_paths.*`; with several
+    data sets `effective_paths_<data>.*`). Report lines."""
+    data = runs.data if "data" in runs else pd.Series([None] * len(runs), runs.index, object)
+    sets = sorted(data.dropna().unique())
+    if len(sets) <= 1:
+        return _effective_paths(runs, out, alpha, "effective_paths", "")
+    lines = []
+    for d in sets:
+        lines += _effective_paths(runs[data == d], out, alpha, f"effective_paths_{d}", f" ({d})")
+    return lines
+
+
+def _effective_paths(runs: pd.DataFrame, out: Path, alpha: float, name: str, of: str) -> list[str]:
+    title = f"## Sec. 5: effective-path training{of}"
     arms = stats.sec5_arms(runs)
     if arms.empty:
         return []
     try:
         res = stats.compare_arms(arms, alpha)
     except ConfigError as err:
-        return ["", "## Sec. 5: effective-path training", "", f"Not compared: {err}."]
+        return ["", title, "", f"Not compared: {err}."]
     # trained runs only: testing a checkpoint again (train=false) takes no steps
     steps = arms.get("global_step", pd.Series([-1]))
     steps = sorted(int(s) for s in steps[steps != 0].unique())
@@ -160,12 +173,12 @@ def effective_paths(runs: pd.DataFrame, out: Path, alpha: float) -> list[str]:
     ensemble = sorted((c for c in arms if c.startswith("test_error_m")), key=lambda c: int(c[12:]))
     columns = ["run_dir", "arm", "seed", "test_error", *ensemble]
     records = arms[columns].astype(object).where(arms[columns].notna(), None)
-    results.write_json(out / "effective_paths.json", {**res, "runs": records.to_dict("records")})
-    md = effective_paths_markdown(arms[columns], res, ensemble)
-    results.atomic_write(out / "effective_paths.md", md)
-    results.save_figure(figures.effective_paths(arms, res), out / "effective_paths.png")
+    results.write_json(out / f"{name}.json", {**res, "runs": records.to_dict("records")})
+    md = effective_paths_markdown(arms[columns], res, ensemble, title)
+    results.atomic_write(out / f"{name}.md", md)
+    results.save_figure(figures.effective_paths(arms, res), out / f"{name}.png")
     lines = md.splitlines()
-    return ["", lines[0], "", "![effective paths](effective_paths.png)", "", *lines[2:]]
+    return ["", lines[0], "", f"![effective paths]({name}.png)", "", *lines[2:]]
 
 
 def _p(test: dict | None) -> str:
@@ -174,10 +187,15 @@ def _p(test: dict | None) -> str:
     return f"{test['p_value']:.4f}"
 
 
-def effective_paths_markdown(runs: pd.DataFrame, res: dict, ensemble: list[str]) -> str:
+def effective_paths_markdown(
+    runs: pd.DataFrame,
+    res: dict,
+    ensemble: list[str],
+    title: str = "## Sec. 5: effective-path training",
+) -> str:
     full = res["arms"][stats.FULL]
     lines = [
-        "## Sec. 5: effective-path training",
+        title,
         "",
         "Block-subset training (k of n blocks per mini-batch), tested under each rule it was "
         f"tested with, against full training; steps per run: {res['steps']}. p-values of the "

@@ -161,7 +161,9 @@ def test_report_cli_and_bad_input(tmp_path):
         assert res.stderr.startswith("error: ") and "outputs/" in res.stderr
 
 
-def arms_sweep(root, errors: dict[str, list[float]], k_full: bool = False, test_mode="full"):
+def arms_sweep(
+    root, errors: dict[str, list[float]], k_full: bool = False, test_mode="full", data=None
+):
     """A Sec. 5 multirun: one job per (arm, seed), as metrics.json records it."""
     job = 0
     for arm, errs in errors.items():
@@ -170,7 +172,7 @@ def arms_sweep(root, errors: dict[str, list[float]], k_full: bool = False, test_
             if arm == "full" and k_full:
                 training = "block_subset"  # k = n: every block every step
             metrics = {"test_error": err, "global_step": 400, "training": training, "k": k}
-            metrics |= {"n_blocks": 9, "seed": seed, "model": "resnet20"}
+            metrics |= {"n_blocks": 9, "seed": seed, "model": "resnet20", "data": data}
             metrics |= {"test_mode": test_mode if training == "block_subset" else None}
             fake_run(root / str(job), [f"training={training}", f"seed={seed}"], metrics, {})
             job += 1
@@ -233,6 +235,24 @@ def test_effective_paths_one_arm_per_test_rule(tmp_path):
     )
     md = (tmp_path / "report" / "effective_paths.md").read_text()
     assert "| M=1 | M=2 |" in md and "| k=4/9 ensemble | 0.4500 | 0.3500 |" in md
+
+
+def test_effective_paths_one_comparison_per_data_set(tmp_path):
+    """A results folder holding the Sec. 5 sweeps of two data sets: each is compared on its own
+    (seed 0 of one data set is not paired with seed 0 of the other)."""
+    digits = {"subset": [0.5, 0.6, 0.55], "full": [0.02, 0.03, 0.025]}
+    fashion = {"subset": [0.13, 0.14, 0.15], "full": [0.12, 0.13, 0.14]}
+    arms_sweep(tmp_path / "a", digits, data="digits")
+    arms_sweep(tmp_path / "b", fashion, data="fashion_mnist")
+    md = rep.report(tmp_path).read_text()
+    for data, errors in (("digits", digits), ("fashion_mnist", fashion)):
+        assert f"## Sec. 5: effective-path training ({data})" in md
+        res = json.loads((tmp_path / "report" / f"effective_paths_{data}.json").read_text())
+        assert res["arms"]["full"]["errors"] == errors["full"]
+        assert res["arms"]["k=4/9"]["errors"] == errors["subset"]
+        assert res["comparisons"]["k=4/9"]["paired_t"]["seeds"] == 3
+    assert (tmp_path / "report" / "effective_paths_fashion_mnist.png").is_file()
+    assert not (tmp_path / "report" / "effective_paths.json").exists()
 
 
 def test_effective_paths_needs_two_arms_and_seeds(tmp_path):
