@@ -2,7 +2,10 @@
 blocks fails: the residual stream's scale, and each block's first BatchNorm input as a multiple of
 the running variance it learned, under the full network, one random k-subset and `rescale`.
 
-    python experiments/sec5_diagnosis.py <last.ckpt of a training=block_subset run on digits>
+    python experiments/sec5_diagnosis.py <last.ckpt of a training=block_subset run>
+
+The network, its data set and k come from the checkpoint's own run description (digits,
+Fashion-MNIST, ...); the first test batch is used.
 
 Prints the test error of the three and, at some blocks, batch variance / running variance
 (mean over channels) and the standard deviation of the residual stream. Numbers in
@@ -18,17 +21,24 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from src.data import DigitsDataModule, batches  # noqa: E402
-from src.models import preact_resnet_cifar  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+
+from src import checkpoint  # noqa: E402
+from src.data import batches  # noqa: E402
 from src.models.network import Plan  # noqa: E402
 
 
-def main(ckpt: str, k: int = 23) -> None:
-    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
-    net = preact_resnet_cifar(blocks_per_stage=18, in_channels=1)
+def main(ckpt: str) -> None:
+    saved = checkpoint.load(ckpt)
+    run = saved[checkpoint.KEY]  # the run that wrote it: model, data, training
+    data = instantiate(run["data"], _convert_="all")
+    net = instantiate(
+        run["model"], _convert_="all", in_channels=data.channels, num_classes=data.num_classes
+    )
     net.load_state_dict({n[4:]: v for n, v in saved["state_dict"].items() if n.startswith("net.")})
     net.eval()
-    x, y = next(batches(DigitsDataModule(), "test"))
+    k = run["training"]["k"]
+    x, y = next(batches(data, "test"))
     bns = [b.pre[0] for b in net.blocks]  # each pre-activation block's first BatchNorm
     n = net.n_blocks
     keep = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:k].tolist()
