@@ -14,7 +14,8 @@ confidence interval. Writes into `<out>` (default `<dir>/report/`): `report.md` 
 claim beside our measured value and its spread), one figure per analysis (`delete_single.png`,
 `delete_many.png`, `reorder.png`, `gradient_paths.png`), `tables.parquet` (every table, one
 DataFrame), and for a sweep of block-subset vs full training (paper Sec. 5)
-`effective_paths.{md,json,png}` with Welch's, the paired t- and Wilcoxon's tests, and the claims
+`effective_paths.{md,json,png}` with Welch's, the paired t- and Wilcoxon's tests (one set per
+data set, `effective_paths_<data>.*`, when the folder holds several), and the claims
 table (`claims.csv`, and in report.md): each of the paper's claims beside what the folder measured,
 one column per data set, with a verdict (src/claims.py). Point it at `outputs/` to see every data
 set side by side.
