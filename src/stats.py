@@ -140,10 +140,11 @@ def arm(training: str | None, k, n_blocks, test_mode: str | None = None) -> str:
 
 def sec5_arms(runs: pd.DataFrame) -> pd.DataFrame:
     """The runs of a Sec. 5 comparison with their `arm`: every block-subset run (trained, or a
-    checkpoint tested again under another rule), and the full-training runs of the same sweeps
-    (the sibling jobs of a trained block-subset run, so that other full-training runs of a
-    results folder, e.g. of a lesion study, do not join the arm). Empty without block-subset
-    runs."""
+    checkpoint tested again under another rule), and the full-training runs of the Sec. 5
+    experiment: the sibling jobs of a trained block-subset run, and runs of
+    `experiment=effective_paths` (seeds added to the full arm later, in a sweep of their own).
+    Other full-training runs of a results folder, e.g. of a lesion study, do not join the arm.
+    Empty without block-subset runs."""
     needed = {"training", "k", "n_blocks", "test_error", "seed", "run_dir"}
     if not needed <= set(runs) or not runs.training.eq("block_subset").any():
         return runs.iloc[0:0].assign(arm=pd.Series(dtype=str))
@@ -155,7 +156,10 @@ def sec5_arms(runs: pd.DataFrame) -> pd.DataFrame:
     parent = runs.run_dir.map(lambda d: str(Path(d).parent))
     steps = runs.get("global_step", pd.Series([1] * len(runs), runs.index))
     sweeps = set(parent[(runs.arm != FULL) & (steps != 0)])
-    return runs[(runs.arm != FULL) | parent.isin(sweeps)]
+    named = runs.get("overrides", pd.Series([None] * len(runs), runs.index)).map(
+        lambda o: isinstance(o, dict) and o.get("experiment") == "effective_paths"
+    )
+    return runs[(runs.arm != FULL) | parent.isin(sweeps) | named.astype(bool)]
 
 
 def _missing(v) -> bool:

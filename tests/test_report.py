@@ -162,19 +162,26 @@ def test_report_cli_and_bad_input(tmp_path):
 
 
 def arms_sweep(
-    root, errors: dict[str, list[float]], k_full: bool = False, test_mode="full", data=None
+    root,
+    errors: dict[str, list[float]],
+    k_full: bool = False,
+    test_mode="full",
+    data=None,
+    overrides=(),
+    first_seed=0,
 ):
     """A Sec. 5 multirun: one job per (arm, seed), as metrics.json records it."""
     job = 0
     for arm, errs in errors.items():
-        for seed, err in enumerate(errs):
+        for seed, err in enumerate(errs, first_seed):
             training, k = ("block_subset", 4) if arm == "subset" else ("standard", 9)
             if arm == "full" and k_full:
                 training = "block_subset"  # k = n: every block every step
             metrics = {"test_error": err, "global_step": 400, "training": training, "k": k}
             metrics |= {"n_blocks": 9, "seed": seed, "model": "resnet20", "data": data}
             metrics |= {"test_mode": test_mode if training == "block_subset" else None}
-            fake_run(root / str(job), [f"training={training}", f"seed={seed}"], metrics, {})
+            args = [*overrides, f"training={training}", f"seed={seed}"]
+            fake_run(root / str(job), args, metrics, {})
             job += 1
     return root
 
@@ -235,6 +242,21 @@ def test_effective_paths_one_arm_per_test_rule(tmp_path):
     )
     md = (tmp_path / "report" / "effective_paths.md").read_text()
     assert "| M=1 | M=2 |" in md and "| k=4/9 ensemble | 0.4500 | 0.3500 |" in md
+
+
+def test_seeds_added_to_the_full_arm_later_join_it(tmp_path):
+    """Full-training seeds run later in a sweep of their own (`experiment=effective_paths
+    training=standard seed=3,4`) join the full arm; full-training runs of another experiment
+    do not."""
+    exp = ["experiment=effective_paths"]
+    subset = [0.5, 0.6, 0.55, 0.52, 0.58]
+    arms_sweep(tmp_path / "sweep", {"subset": subset, "full": [0.1, 0.12, 0.11]}, overrides=exp)
+    arms_sweep(tmp_path / "later", {"full": [0.13, 0.09]}, overrides=exp, first_seed=3)
+    arms_sweep(tmp_path / "lesions", {"full": [0.7, 0.8]}, overrides=["experiment=delete_single"])
+    rep.report(tmp_path)
+    res = json.loads((tmp_path / "report" / "effective_paths.json").read_text())
+    assert sorted(res["arms"]["full"]["errors"]) == [0.09, 0.1, 0.11, 0.12, 0.13]
+    assert res["comparisons"]["k=4/9"]["paired_t"]["seeds"] == 5
 
 
 def test_effective_paths_one_comparison_per_data_set(tmp_path):
