@@ -13,8 +13,6 @@ not (a transformer has no batch norm).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -33,6 +31,18 @@ def vocab_size(net: Network) -> int | None:
     return linears[-1].out_features if linears else None
 
 
+# a language model's defaults where `optim.*` leaves a setting out
+RECIPE = dict(
+    optimizer="adamw",
+    lr=3e-3,
+    weight_decay=0.1,
+    betas=(0.9, 0.95),
+    milestones=(),
+    warmup_steps=20,
+    warmup_lr=3e-4,
+)
+
+
 class LanguageModel(L.LightningModule):
     metric = "loss"  # what the lesion studies measure on this module
 
@@ -40,31 +50,12 @@ class LanguageModel(L.LightningModule):
         self,
         net: Network,
         mode: TrainingMode | None = None,
-        lr: float = 3e-3,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.95),
-        milestones: Sequence[int] = (),
-        gamma: float = 0.1,
-        warmup_steps: int = 20,
-        warmup_lr: float = 3e-4,
         num_classes: int | None = None,
-        optimizer: str = "adamw",
-        momentum: float = 0.9,
-        nesterov: bool = False,
+        **optim,
     ):
+        """`optim`: the `Recipe`'s settings (`optim.*`); unset ones from `RECIPE` (AdamW)."""
         super().__init__()
-        self.recipe = Recipe(
-            optimizer,
-            lr,
-            weight_decay,
-            momentum,
-            nesterov,
-            betas,
-            milestones,
-            gamma,
-            warmup_steps,
-            warmup_lr,
-        )
+        self.recipe = Recipe(**(RECIPE | optim))
         vocab = vocab_size(net)
         if num_classes is not None and vocab is not None and vocab < num_classes:
             raise ConfigError(

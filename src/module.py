@@ -58,18 +58,19 @@ def check_optimizer(name: str) -> None:
 class Recipe:
     """The optimizer and its lr schedule (`optim.*`), for every LightningModule here: the paper's
     SGD (weight decay on every parameter), or AdamW for transformers (decay on matrices only, not
-    on norms, biases and the like); warm-up, then lr x gamma at each milestone."""
+    on norms, biases and the like); warm-up, then lr x gamma at each milestone. The defaults are
+    the paper's CIFAR recipe (module docstring)."""
 
-    optimizer: str
-    lr: float
-    weight_decay: float
-    momentum: float
-    nesterov: bool
-    betas: Sequence[float]
-    milestones: Sequence[int]
-    gamma: float
-    warmup_steps: int
-    warmup_lr: float
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    nesterov: bool = False
+    betas: Sequence[float] = (0.9, 0.999)
+    milestones: Sequence[int] = (32000, 48000)
+    gamma: float = 0.1
+    warmup_steps: int = 400
+    warmup_lr: float = 0.01
 
     def __post_init__(self):
         if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0:
@@ -116,31 +117,12 @@ class Classifier(L.LightningModule):
         self,
         net: Network,
         mode: TrainingMode | None = None,
-        lr: float = 0.1,
-        momentum: float = 0.9,
-        weight_decay: float = 1e-4,
-        nesterov: bool = False,
-        milestones: Sequence[int] = (32000, 48000),
-        gamma: float = 0.1,
-        warmup_steps: int = 400,
-        warmup_lr: float = 0.01,
         num_classes: int = 10,
-        optimizer: str = "sgd",
-        betas: Sequence[float] = (0.9, 0.999),
+        **optim,
     ):
+        """`optim`: the `Recipe`'s settings (`optim.*`; defaults: the paper's recipe)."""
         super().__init__()
-        self.recipe = Recipe(
-            optimizer,
-            lr,
-            weight_decay,
-            momentum,
-            nesterov,
-            betas,
-            milestones,
-            gamma,
-            warmup_steps,
-            warmup_lr,
-        )
+        self.recipe = Recipe(**optim)
         self.net = net
         self.mode = mode or Standard()
         self.mode.check(net)
