@@ -4,7 +4,8 @@
 of a folder into rows `claim | paper | <data set> ... | verdict`. The paper column is the paper's
 own statement (typed from the text); every other cell is computed from the result files, and a
 claim without results for a data set says so. The verdict is per data set: `holds` or `fails`
-by the rule stated in the claim's `test`, `-` where nothing was measured.
+by the rule stated in the claim's `test`, `untested` where the results cannot decide it (one seed
+in an arm), `-` where nothing was measured.
 
 The claims are the paper's, about convolutional networks: runs of transformers (their block
 tables name a branch `kind`, attention or MLP) are left out; experiments/transformers.md sets
@@ -23,7 +24,9 @@ from scipy.stats import kendalltau
 
 from src import stats
 
-Measure = Callable[[pd.DataFrame, pd.DataFrame], "tuple[str, bool] | None"]
+# (text, verdict) from a folder's runs and tables; verdict None: measured, but the claim's test
+# cannot decide (e.g. one seed in an arm); None: nothing measured.
+Measure = Callable[[pd.DataFrame, pd.DataFrame], "tuple[str, bool | None] | None"]
 
 
 @dataclass(frozen=True)
@@ -152,8 +155,10 @@ def effective_paths(runs, tables):
         return None
     try:
         res = stats.compare_arms(arms)
-    except ValueError:
-        return None
+    except ValueError as e:  # measured, but too few runs for a test
+        seeds = arms.groupby("arm").seed.nunique()
+        runs_per_arm = ", ".join(f"{a}: {n} seed{'s' * (n != 1)}" for a, n in seeds.items())
+        return f"no test ({runs_per_arm}): {e}", None
     parts, holds = [], False
     for arm, c in res["comparisons"].items():
         p = c["welch_t"]["p_value"]
@@ -238,7 +243,8 @@ def table(runs: pd.DataFrame, tables: pd.DataFrame) -> pd.DataFrame:
             t = tables[tables.data == d] if data else tables
             got = c.measure(r, t) if not (r.empty and t.empty) else None
             row[d] = "not measured" if got is None else got[0]
-            verdicts.append("-" if got is None else f"{d}: {'holds' if got[1] else 'fails'}")
+            verdict = {None: "untested", True: "holds", False: "fails"}[got[1]] if got else "-"
+            verdicts.append(f"{d}: {verdict}" if got else "-")
         row["verdict"] = "; ".join(verdicts)
         rows.append(row)
     return pd.DataFrame(rows)

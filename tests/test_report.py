@@ -285,6 +285,9 @@ def test_effective_paths_needs_two_arms_and_seeds(tmp_path):
     arms_sweep(tmp_path / "few", {"subset": [0.1], "full": [0.2]})
     md = rep.report(tmp_path / "few").read_text()
     assert "Not compared: need at least 2 seeds per arm" in md
+    claims = pd.read_csv(tmp_path / "few" / "report" / "claims.csv").set_index("figure")
+    assert claims.loc["Sec. 5", "measured"].startswith("no test (full: 1 seed, k=4/9: 1 seed)")
+    assert claims.loc["Sec. 5", "verdict"] == "measured: untested"
     with pytest.raises(ConfigError, match="alpha"):
         rep.report(tmp_path / "few", alpha=1.5)
 
