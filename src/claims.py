@@ -27,6 +27,7 @@ from src import stats
 # (text, verdict) from a folder's runs and tables; verdict None: measured, but the claim's test
 # cannot decide (e.g. one seed in an arm); None: nothing measured.
 Measure = Callable[[pd.DataFrame, pd.DataFrame], "tuple[str, bool | None] | None"]
+VERDICTS = {True: "holds", False: "fails", None: "untested"}
 
 
 @dataclass(frozen=True)
@@ -242,9 +243,12 @@ def table(runs: pd.DataFrame, tables: pd.DataFrame) -> pd.DataFrame:
             r = runs[runs.data == d] if data else runs
             t = tables[tables.data == d] if data else tables
             got = c.measure(r, t) if not (r.empty and t.empty) else None
-            row[d] = "not measured" if got is None else got[0]
-            verdict = {None: "untested", True: "holds", False: "fails"}[got[1]] if got else "-"
-            verdicts.append(f"{d}: {verdict}" if got else "-")
+            if got is None:
+                row[d] = "not measured"
+                verdicts.append("-")
+            else:
+                row[d] = got[0]
+                verdicts.append(f"{d}: {VERDICTS[got[1]]}")
         row["verdict"] = "; ".join(verdicts)
         rows.append(row)
     return pd.DataFrame(rows)
