@@ -38,6 +38,25 @@ from src.claims import table as claims_table
 from src.errors import ConfigError
 
 REPLICATE_KEYS = {"seed"}
+# Overrides that say where a run read or wrote, not what it measured (a checkpoint analysed with
+# train=false, a data folder): left out of curve labels unless they are all that differs.
+LOCATION_KEYS = {"ckpt_path", "resume"}
+
+
+def _is_location(key: str) -> bool:
+    return key in LOCATION_KEYS or key.endswith("_dir") or key.startswith(("paths.", "hydra."))
+
+
+def _short_paths(values: list[str]) -> dict[str, str]:
+    """Each path as its shortest trailing part that still tells it from the others."""
+    parts = {v: v.split("/") for v in values}
+    short = {}
+    for v, p in parts.items():
+        n = 1
+        while n < len(p) and any(q[-n:] == p[-n:] for w, q in parts.items() if w != v):
+            n += 1
+        short[v] = "/".join(p[-n:]) if n == len(p) else ".../" + "/".join(p[-n:])
+    return short
 
 
 @dataclass(frozen=True)
@@ -87,17 +106,37 @@ STUDIES = (
 )
 
 
+def _one_name(runs: pd.DataFrame) -> str:
+    if "model" in runs and runs.model.nunique() == 1:
+        return str(runs.model.iloc[0])
+    return "all runs"
+
+
 def groups(runs: pd.DataFrame) -> pd.Series:
-    """A label per run: the overrides that vary between runs, other than the seed."""
+    """A label per run: the overrides that vary between runs, other than the seed; where a run
+    read or wrote (`ckpt_path`, `*_dir`) only when nothing else varies, shortened."""
     ov = runs.overrides if "overrides" in runs else pd.Series([{}] * len(runs))
     keys = sorted({k for o in ov for k in o} - REPLICATE_KEYS)
     swept = [k for k in keys if len({o.get(k) for o in ov}) > 1]
     if not swept:
-        name = "all runs"
-        if "model" in runs and runs.model.nunique() == 1:
-            name = str(runs.model.iloc[0])
-        return pd.Series([name] * len(runs), index=runs.index)
-    return ov.map(lambda o: ", ".join(f"{k}={o.get(k, '-')}" for k in swept))
+        return pd.Series([_one_name(runs)] * len(runs), index=runs.index)
+    # A location names a curve only where runs alike in everything else (seed included) differ in
+    # it; otherwise it follows from the other overrides, e.g. one checkpoint per seed.
+    alike = [k for k in swept if not _is_location(k)] + sorted(REPLICATE_KEYS)
+    same = ov.map(lambda o: tuple(str(o.get(k)) for k in alike))
+
+    def splits(key: str) -> bool:
+        return ov.map(lambda o: str(o.get(key))).groupby(same).nunique().max() > 1
+
+    swept = [k for k in swept if not _is_location(k) or splits(k)]
+    if not swept:
+        return pd.Series([_one_name(runs)] * len(runs), index=runs.index)
+    short = {k: _short_paths([str(o[k]) for o in ov if k in o]) for k in swept if _is_location(k)}
+    return ov.map(
+        lambda o: ", ".join(
+            f"{k}={short.get(k, {}).get(str(o[k]), o[k]) if k in o else '-'}" for k in swept
+        )
+    )
 
 
 def fmt(mean: float, half: float, pct: bool = True) -> str:

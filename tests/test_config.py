@@ -73,18 +73,21 @@ def test_trainer_options_build_their_trainer(tmp_path):
     assert trainer.max_steps == 64000 and trainer.num_devices == 1
 
 
-def test_callbacks_and_loggers_build(tmp_path):
-    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+def test_callbacks_and_loggers_build(tmp_path, monkeypatch):
+    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
+    from src import progress
     from src.run import build
 
     cfg = compose_cfg([], tmp_path)
+    monkeypatch.setattr(progress, "is_terminal", lambda: False)  # a Slurm job's log file
     callbacks = build(cfg, "callbacks")
-    assert sorted(type(c).__name__ for c in callbacks) == ["ModelCheckpoint", "RichProgressBar"]
+    assert sorted(type(c).__name__ for c in callbacks) == ["LogProgressBar", "ModelCheckpoint"]
     [ckpt] = [c for c in callbacks if isinstance(c, ModelCheckpoint)]
     assert ckpt.monitor == "val/error" and ckpt.dirpath == str(tmp_path / "run" / "checkpoints")
-    assert any(isinstance(c, RichProgressBar) for c in callbacks)
+    monkeypatch.setattr(progress, "is_terminal", lambda: True)
+    assert "RichProgressBar" in {type(c).__name__ for c in build(cfg, "callbacks")}
     kinds = {"csv": CSVLogger, "wandb": WandbLogger}
     for option in options("logger"):
         loggers = build(compose_cfg([f"logger={option}"], tmp_path), "logger")

@@ -113,6 +113,35 @@ def test_curve_averages_trials_then_seeds(tmp_path):
     assert math.isnan(mean_ci([4.0])[1])
 
 
+def test_curve_labels_leave_out_where_runs_read_unless_it_tells_them_apart():
+    ck = [f"/scratch/u/outputs/delete_single/multirun_{i}/0/checkpoints/last.ckpt" for i in (1, 2)]
+
+    def labels(*overrides):
+        return list(rep.groups(pd.DataFrame({"overrides": list(overrides)})))
+
+    # a trained run beside a re-analysis of its checkpoint: the checkpoint is not what differs
+    assert labels({"bn": "recalibrate", "ckpt_path": ck[0], "train": "false"}, {}) == [
+        "bn=recalibrate, train=false",
+        "bn=-, train=-",
+    ]
+    # two checkpoints analysed alike: they are the curves, named by what tells them apart
+    assert labels({"ckpt_path": ck[0]}, {"ckpt_path": ck[1]}) == [
+        "ckpt_path=.../multirun_1/0/checkpoints/last.ckpt",
+        "ckpt_path=.../multirun_2/0/checkpoints/last.ckpt",
+    ]
+    # ... also beside another override, where the checkpoint alone splits runs alike in it
+    three = labels(
+        {"bn": "eval", "ckpt_path": ck[0]},
+        {"bn": "eval", "ckpt_path": ck[1]},
+        {"bn": "recalibrate", "ckpt_path": ck[0]},
+    )
+    assert three[0] == "bn=eval, ckpt_path=.../multirun_1/0/checkpoints/last.ckpt"
+    assert three[2] == "bn=recalibrate, ckpt_path=.../multirun_1/0/checkpoints/last.ckpt"
+    # one checkpoint per seed: replicates of one curve
+    same = labels({"ckpt_path": ck[0], "seed": "0"}, {"ckpt_path": ck[1], "seed": "1"})
+    assert same == ["all runs", "all runs"]
+
+
 def test_report_writes_figures_and_summary(tmp_path):
     sweep = fake_sweep(tmp_path / "sweep")
     rep.report(sweep)

@@ -34,7 +34,6 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor
 
 from src.errors import ConfigError
@@ -181,17 +180,6 @@ def eval_mode(net: Network, device: torch.device | str | None = None):
             net.train(was_training).to(old)
 
 
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-        transient=True,
-    )
-
-
 def lesion_logits(
     net: Network, x: Tensor, plans: Sequence[Plan], base: Plan | None = None, reuse: bool = True
 ) -> Iterator[Tensor]:
@@ -233,11 +221,13 @@ def lesion_errors(
     """`metric` of `net` under `base` and under each plan in `plans` (error: fractions in
     [0, 1]; loss: mean cross-entropy per target), in one pass over `batches`, with BN in eval
     mode on `device` (None: where the net is), the cache within `memory` (see the module doc)."""
+    from src.progress import lesion_bar  # imports Lightning: only once a sweep runs
+
     check_metric(metric)
     parse_memory(memory)
     check_plans(net, [FULL if base is None else base, *plans])
     total, micro = 0, None
-    with eval_mode(net, device) as dev, _progress(progress) as bar:
+    with eval_mode(net, device) as dev, lesion_bar(progress) as bar:
         dtype = torch.long if metric == "error" else torch.float64  # error: exact counts
         sums = torch.zeros(len(plans) + 1, dtype=dtype, device=dev)  # first: the base
         task = bar.add_task(description, total=len(plans))
@@ -273,6 +263,7 @@ def recalibrated_errors(
     re-estimated under that plan on all of `bn_batches` ((x, y) training batches), then tested in
     eval mode on `batches`. Deterministic given the batches; `net` is left as it was."""
     from src.bn import recalibrated
+    from src.progress import lesion_bar
 
     check_metric(metric)
     base = FULL if base is None else base
@@ -291,7 +282,7 @@ def recalibrated_errors(
         if total == 0:
             raise ConfigError("the test split is empty: nothing to evaluate lesions on")
         errors = []
-        with _progress(progress) as bar:
+        with lesion_bar(progress) as bar:
             task = bar.add_task(description, total=len(plans))
             for k, plan in enumerate([base, *plans]):
                 with torch.inference_mode(False), recalibrated(net, plan, train, len(train)):
