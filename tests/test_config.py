@@ -132,3 +132,18 @@ def test_experiments_compose(experiment, preset, tmp_path):
         assert text or cfg.data._target_.endswith("FashionMNISTDataModule")
         assert cfg.data.test_size == 2000
         assert cfg.trainer.max_steps == 700 and list(cfg.optim.milestones) == [350, 525]
+
+
+def test_models_sized_per_preset(tmp_path):
+    """A model's own size at a preset (conf/model/size/, conf/lesion/imagenet_size/) applies only
+    there, and a command-line width still wins."""
+
+    def width(*overrides):
+        return compose_cfg(list(overrides), tmp_path).model.width
+
+    assert width("model=vgg15") == width("model=vgg15", "preset=quick") == 128  # the paper's
+    assert width("model=vgg15", "preset=medium") == 64
+    assert width("model=vgg15", "preset=medium", "model.width=128") == 128
+    assert width("experiment=imagenet_delete_single") == 64
+    assert width("experiment=imagenet_delete_single", "preset=quick") == 8
+    assert width("experiment=imagenet_delete_single", "preset=medium") == 16
