@@ -50,6 +50,10 @@ def _lesions(tables: pd.DataFrame, study: str, plain: bool | None = None) -> pd.
     return t
 
 
+def _runs(n: int) -> str:
+    return f"{n} run{'s' * (n != 1)}"
+
+
 def _pp(x: float) -> str:
     return f"{100 * x:+.1f} pp"
 
@@ -65,7 +69,7 @@ def resnet_single(runs, tables):
     )
     down = t[t.downsampling.astype(bool)]
     worst_down = down.error - down.baseline
-    text = f"median rise {_pp(rise.mean())} ({len(rise)} runs)"
+    text = f"median rise {_pp(rise.mean())} ({_runs(len(rise))})"
     if len(worst_down):
         text += f"; downsampling blocks up to {_pp(worst_down.max())}"
     return text, bool(rise.mean() < 0.02)
@@ -110,7 +114,7 @@ def gradient_decay(runs, tables):
     fits = fits.dropna()
     if fits.empty:
         return None
-    return f"x{fits.mean():.3f} per block entered ({len(fits)} runs)", bool(fits.mean() < 1)
+    return f"x{fits.mean():.3f} per block entered ({_runs(len(fits))})", bool(fits.mean() < 1)
 
 
 def effective_window(runs, tables):

@@ -357,7 +357,7 @@ def test_claims_table_per_data_set(tmp_path):
     claims = pd.read_csv(tmp_path / "report" / "claims.csv").set_index("figure")
     assert list(claims.columns) == ["paper", "test", "digits", "fashion_mnist", "verdict"]
     # ResNet: median rise over blocks 0, 2, 3 = 0.031 - 0.025 on digits, 0.25 - 0.1 on Fashion
-    assert claims.loc["Fig. 3/4", "digits"].startswith("median rise +0.6 pp (1 runs)")
+    assert claims.loc["Fig. 3/4", "digits"].startswith("median rise +0.6 pp (1 run)")
     assert "downsampling blocks up to +37.5 pp" in claims.loc["Fig. 3/4", "digits"]
     assert claims.loc["Fig. 3/4", "fashion_mnist"].startswith("median rise +15.0 pp")
     assert claims.loc["Fig. 3/4", "verdict"] == "digits: holds; fashion_mnist: fails"
