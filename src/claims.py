@@ -144,7 +144,11 @@ def stochastic_depth(runs, tables):
     t = tables[(tables.study == "delete_single") & tables.downsampling.fillna(False).astype(bool)]
     if "bn" in t:
         t = t[t.bn.fillna("eval") == "eval"]
-    if t.empty or not {"standard", "stochastic_depth"} <= set(t.training.dropna()):
+    if t.empty or "training" not in t:
+        return None
+    # one network under both trainings: the models trained with stochastic depth
+    t = t[t.model.isin(set(t.model[t.training == "stochastic_depth"]))]
+    if not {"standard", "stochastic_depth"} <= set(t.training.dropna()):
         return None
     rise = (t.error - t.baseline).groupby(t.training).mean()
     text = (
