@@ -6,8 +6,8 @@ half an hour would look hung. There, `progress_bar()` gives `LogProgressBar` and
 gives `LogProgress`, which write a line through logging (console and run.log) at most every
 `interval` seconds, with the rate and the time left:
 
-    train: step 120/700 (17%), 1.9 s/step, ~18m left, loss 0.612
-    lesions (test batch 3): 20/54 (37%), 0.8 /s, ~42s left
+    train: step 120/700 (17%), 1.9 s/step, ~18m22s left, train/loss 0.612
+    reorder (test batch 2): 20/80 (25%), 1.3 s/lesion, ~1m18s left
 """
 
 from __future__ import annotations

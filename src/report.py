@@ -118,8 +118,6 @@ def groups(runs: pd.DataFrame) -> pd.Series:
     ov = runs.overrides if "overrides" in runs else pd.Series([{}] * len(runs))
     keys = sorted({k for o in ov for k in o} - REPLICATE_KEYS)
     swept = [k for k in keys if len({o.get(k) for o in ov}) > 1]
-    if not swept:
-        return pd.Series([_one_name(runs)] * len(runs), index=runs.index)
     # A location names a curve only where runs alike in everything else (seed included) differ in
     # it; otherwise it follows from the other overrides, e.g. one checkpoint per seed.
     alike = [k for k in swept if not _is_location(k)] + sorted(REPLICATE_KEYS)
