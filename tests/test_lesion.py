@@ -14,7 +14,7 @@ from torch import nn
 from src.analysis.delete_many import DeleteMany, sample_deletions
 from src.analysis.delete_single import DeleteSingle
 from src.analysis.reorder import Reorder, compatible_pairs, swapped_order, tau
-from src.engines.lesion import first_change, lesion_errors, lesion_logits, lesion_plan, rebatch
+from src.engines.lesion import lesion_errors, lesion_logits, lesion_plan, rebatch
 from src.errors import ConfigError
 from src.models import FULL, Network, Plan, preact_resnet_cifar, vgg15
 from src.stats import delete_single_headline
@@ -156,15 +156,16 @@ def test_engine_equals_naive(resnet, data, base):
 
 
 def test_engine_restarts_after_the_prefix_it_can_reuse():
-    n = 6
-    assert first_change(FULL, lesion_plan(None, [3]), n) == 3
-    assert first_change(FULL, lesion_plan(None, [4, 1]), n) == 1
-    assert first_change(FULL, lesion_plan(None, order=[0, 1, 4, 3, 2, 5]), n) == 2
-    assert first_change(FULL, lesion_plan(None, order=range(n)), n) is None
-    assert first_change(FULL, Plan(residual_scale=0.5), n) == 0
+    net = preact_resnet_cifar(blocks_per_stage=2)  # 6 blocks
+    n = net.n_blocks
+    assert net.restart(FULL, lesion_plan(None, [3])) == 3
+    assert net.restart(FULL, lesion_plan(None, [4, 1])) == 1
+    assert net.restart(FULL, lesion_plan(None, order=[0, 1, 4, 3, 2, 5])) == 2
+    assert net.restart(FULL, lesion_plan(None, order=range(n))) is None
+    assert net.restart(FULL, Plan(residual_scale=0.5)) == 0
     base = Plan(deleted=frozenset({2}))
-    assert first_change(base, lesion_plan(base, [2]), n) is None
-    assert first_change(base, lesion_plan(base, [5]), n) == 5
+    assert net.restart(base, lesion_plan(base, [2])) is None
+    assert net.restart(base, lesion_plan(base, [5])) == 5
 
 
 def test_bn_in_eval_mode_and_training_flag_restored(resnet, data):

@@ -26,6 +26,7 @@ k above the number of blocks that keep theirs.
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import torch
@@ -51,13 +52,23 @@ def propagate(
     """G_0..G_n, shape (n+1, *x.shape), by propagating polynomial coefficients (exact)."""
     engine = BlockVJPs(net, x, y, wrt, plan=plan)
     coeffs = [engine.g_top]  # coefficient j of the cotangent's polynomial in lam
-    for p in reversed(range(len(engine.sequence))):
-        skip = engine.through_shortcut(p, coeffs)
-        if not engine.enterable(p):
+    for t in reversed(range(len(engine.steps))):
+        skip = engine.through_shortcut(t, coeffs)
+        if not engine.branches(t):
             coeffs = skip
             continue
-        enter = engine.through_residual(p, coeffs)
-        coeffs = [skip[0], *(a + b for a, b in zip(skip[1:], enter[:-1])), enter[-1]]
+        # a path skips step t (length kept) or enters one of its branches (length + 1)
+        enters = [engine.through_residual(t, i, coeffs) for i in engine.branches(t)]
+        new = [skip[0]]
+        for j in range(1, len(coeffs)):
+            c = skip[j]
+            for enter in enters:
+                c = c + enter[j - 1]
+            new.append(c)
+        last = enters[0][-1]
+        for enter in enters[1:]:
+            last = last + enter[-1]
+        coeffs = [*new, last]
     coeffs = engine.to_wrt(coeffs)
     zeros = [torch.zeros_like(coeffs[0])] * (engine.n_blocks + 1 - len(coeffs))
     return torch.stack([*coeffs, *zeros])
@@ -86,17 +97,19 @@ def interpolate(
 def enumerate_paths(
     net: Network, x: Tensor, y: Tensor, wrt: str = "input", plan: Plan | None = None
 ) -> Tensor:
-    """Brute force: sum the straightforward gradient of every one of the 2^m paths by length (m:
-    the blocks that run with their residual branch under `plan`)."""
+    """Brute force: sum the straightforward gradient of every path by length: the 2^m subsets of
+    the m blocks that run with their residual branch under `plan`, where a path enters at most
+    one branch of a parallel layer (`Network.path_groups`)."""
     n, plan = net.n_blocks, FULL if plan is None else plan
-    active = [i for i in plan.sequence(n) if i not in plan.deleted]
-    if len(active) > 16:
+    groups = net.path_groups(plan)  # a path enters at most one block of each
+    if math.prod(len(g) + 1 for g in groups) > 2**16:
         raise ConfigError(
-            f"enumerating 2^{len(active)} paths is infeasible: use a network of <= 16 blocks"
+            f"enumerating {math.prod(len(g) + 1 for g in groups)} paths is infeasible: use a "
+            "network of <= 16 blocks"
         )
-    sums: list[Tensor | int] = [0] * (n + 1)  # lengths above len(active): no path, zero
-    for bits in itertools.product((0, 1), repeat=len(active)):
-        path = frozenset(i for i, b in zip(active, bits) if b)
+    sums: list[Tensor | int] = [0] * (n + 1)  # lengths above len(groups): no path, zero
+    for choice in itertools.product(*[(None, *g) for g in groups]):
+        path = frozenset(i for i in choice if i is not None)
         sums[len(path)] = sums[len(path)] + straightforward_path_grad(net, x, y, path, wrt, plan)
     like = sums[0]
     return torch.stack([s if torch.is_tensor(s) else torch.zeros_like(like) for s in sums])

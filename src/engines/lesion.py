@@ -69,29 +69,9 @@ def lesion_plan(base: Plan | None, deleted: Iterable[int] = (), order: Sequence[
     return dataclasses.replace(base, **changes)
 
 
-def first_change(base: Plan, plan: Plan, n_blocks: int) -> int | None:
-    """First position whose computation differs between `base` and `plan` (None: none does)."""
-    if dataclasses.replace(plan, order=None, deleted=frozenset()) != dataclasses.replace(
-        base, order=None, deleted=frozenset()
-    ):
-        return 0  # a global change (scale, drop, gradient gates): nothing can be reused
-    seq_b, seq_p = base.sequence(n_blocks), plan.sequence(n_blocks)
-    for pos, (i, j) in enumerate(zip(seq_b, seq_p)):
-        if i != j or (i in base.deleted) != (i in plan.deleted):
-            return pos
-    return None if len(seq_b) == len(seq_p) else min(len(seq_b), len(seq_p))
-
-
 def plan_inputs(net: Network, x: Tensor, base: Plan) -> list[Tensor]:
     """Input of every position of `base`'s sequence, then the trunk output."""
-    if base == FULL:
-        return net.block_inputs(x)
-    h = net.stem(x)
-    cache = [h]
-    for i in base.sequence(net.n_blocks):
-        h = net.run_block(i, h, base)
-        cache.append(h)
-    return cache
+    return net.block_inputs(x, base)
 
 
 def check_plans(net: Network, plans: Sequence[Plan]) -> None:
@@ -198,7 +178,7 @@ def lesion_logits(
     base_logits = net.head(cache[-1])
     yield base_logits
     for plan in plans:
-        start = first_change(base, plan, net.n_blocks)
+        start = net.restart(base, plan)  # the network interprets the plans
         if start is None:
             yield base_logits
         else:

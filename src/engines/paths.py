@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import random
 from collections.abc import Sequence
 
 import torch
@@ -110,14 +112,16 @@ def _vjp(out: Tensor, inp: Tensor, cotangents: list[Tensor], batched: bool) -> l
 
 class BlockVJPs:
     """One forward pass of `net` under `plan` (an eval plan: None is the full network) on (x, y),
-    keeping every running block's two branches as a separate graph.
+    keeping every running branch as a separate graph.
 
-    Position p of the plan's sequence runs block `sequence[p]`. `enter[p]` is merge(shortcut
-    .detach(), residual) and `bypass[p]` is merge(shortcut, residual.detach()) of that block, both
-    as functions of its own input leaf `inputs[p]`, with the plan's residual scale applied;
-    `bypass[p]` is None for an identity shortcut with an additive merge (its VJP is the identity);
-    `enter[p]` is None for a block the plan deletes (only its skip runs). `g_top` is
-    d loss / d (trunk output), shared by every path.
+    The pass runs the plan's steps (`Network.steps`: one block each, or the branches of a
+    parallel-residual layer on one input). For step t, `inputs[t]` is its input leaf;
+    `enter[t]` maps each block whose residual branch runs there to that branch as a function of
+    `inputs[t]` (merge(shortcut.detach(), residual) of a single block, with the plan's residual
+    scale; a parallel layer's branch alone); `bypass[t]` is merge(shortcut, residual.detach()),
+    or None for an identity shortcut with an additive merge (its VJP is the identity; always so
+    in a parallel layer); a block the plan deletes has no entry in `enter[t]` (only its skip
+    runs). `g_top` is d loss / d (trunk output), shared by every path.
     """
 
     def __init__(
@@ -135,24 +139,34 @@ class BlockVJPs:
         plan.validate(net.n_blocks)
         self.wrt, self.n_blocks = wrt, net.n_blocks
         self.sequence = plan.sequence(net.n_blocks)
+        self.steps = [tuple(self.sequence[p] for p in step) for step in net.steps(plan)]
         self.batched = x.device.type != "cpu" if batched is None else batched
         self.inputs, self.enter, self.bypass = [], [], []
         with torch.enable_grad():
             self.x = x.detach().requires_grad_(wrt == "input")
             self.stem_out = net.stem(self.x)
             h = self.stem_out.detach().requires_grad_()
-            for i in self.sequence:
-                block = net.blocks[i]
+            for blocks in self.steps:
                 self.inputs.append(h)
+                if len(blocks) > 1:  # a parallel layer: identity shortcut, branches summed
+                    rs = {i: net.scaled(i, net.blocks[i].residual(h), plan) for i in blocks}
+                    rs = {i: r for i, r in rs.items() if i not in plan.deleted}
+                    self.enter.append(rs)
+                    self.bypass.append(None)
+                    out = h + sum(rs.values()) if rs else h
+                    h = out.detach().requires_grad_()
+                    continue
+                i = blocks[0]
+                block = net.blocks[i]
                 if i in plan.deleted:
                     out = block.skip(h)
-                    self.enter.append(None)
+                    self.enter.append({})
                     self.bypass.append(None if out is h else out)
                 else:
                     s, r = block.shortcut(h), block.residual(h)
                     if plan.residual_scale != 1.0:
                         r = r * plan.residual_scale
-                    self.enter.append(block.merge(s.detach(), r))
+                    self.enter.append({i: block.merge(s.detach(), r)})
                     identity = s is h and type(block).merge is Block.merge
                     self.bypass.append(None if identity else block.merge(s, r.detach()))
                     out = block.merge(s, r)
@@ -160,21 +174,31 @@ class BlockVJPs:
             loss = loss_of(net.head(h), y)
             self.g_top = torch.autograd.grad(loss, h)[0]
 
-    def enterable(self, p: int) -> bool:
-        """Whether the block at position p has a residual branch for paths to enter."""
-        return self.enter[p] is not None
+    def branches(self, t: int) -> list[int]:
+        """The blocks whose residual branch a path can enter at step t (none: all deleted)."""
+        return list(self.enter[t])
+
+    def choice(self, t: int, path: frozenset[int]) -> int | None:
+        """The block `path` enters at step t (None: it takes the shortcut)."""
+        entered = [i for i in self.enter[t] if i in path]
+        if len(entered) > 1:
+            raise ConfigError(
+                f"path {sorted(path)} enters blocks {entered} of one parallel layer: a path "
+                "enters at most one branch of a parallel layer (sample with its path groups)"
+            )
+        return entered[0] if entered else None
 
     def trie_order(self, paths: Sequence[frozenset[int]]) -> list[int]:
         """Path indices in the lexicographic order of their choices from the output down."""
         top_down = list(reversed(self.sequence))
         return sorted(range(len(paths)), key=lambda j: [i in paths[j] for i in top_down])
 
-    def through_residual(self, p: int, gs: list[Tensor]) -> list[Tensor]:
-        return _vjp(self.enter[p], self.inputs[p], gs, self.batched)
+    def through_residual(self, t: int, i: int, gs: list[Tensor]) -> list[Tensor]:
+        return _vjp(self.enter[t][i], self.inputs[t], gs, self.batched)
 
-    def through_shortcut(self, p: int, gs: list[Tensor]) -> list[Tensor]:
+    def through_shortcut(self, t: int, gs: list[Tensor]) -> list[Tensor]:
         return (
-            gs if self.bypass[p] is None else _vjp(self.bypass[p], self.inputs[p], gs, self.batched)
+            gs if self.bypass[t] is None else _vjp(self.bypass[t], self.inputs[t], gs, self.batched)
         )
 
     def to_wrt(self, gs: list[Tensor]) -> list[Tensor]:
@@ -184,22 +208,22 @@ class BlockVJPs:
     def path_grads(self, paths: Sequence[frozenset[int]]) -> Tensor:
         """Gradients (S, *x.shape) of the S given paths (sets of blocks whose residual they enter).
 
-        Paths that made the same choices in all blocks above block i share one cotangent there
+        Paths that made the same choices in all steps above step t share one cotangent there
         (a trie walked from the output), so a shared prefix is computed once; an identity shortcut
         passes its cotangents on untouched.
         """
         states, ptr = [self.g_top], [0] * len(paths)  # distinct cotangents; path -> state
-        for p in reversed(range(len(self.sequence))):
-            i = self.sequence[p]
-            enters = [self.enterable(p) and i in path for path in paths]
-            if not any(enters) and self.bypass[p] is None:
+        for t in reversed(range(len(self.steps))):
+            choices = [self.choice(t, path) for path in paths]
+            if all(c is None for c in choices) and self.bypass[t] is None:
                 continue
-            keys: dict[tuple[int, bool], int] = {}
-            ptr = [keys.setdefault((s, e), len(keys)) for s, e in zip(ptr, enters)]
-            skip = [k for k in keys if not k[1]]
-            enter = [k for k in keys if k[1]]
-            done = dict(zip(skip, self.through_shortcut(p, [states[s] for s, _ in skip])))
-            done.update(zip(enter, self.through_residual(p, [states[s] for s, _ in enter])))
+            keys: dict[tuple[int, int | None], int] = {}
+            ptr = [keys.setdefault((s, c), len(keys)) for s, c in zip(ptr, choices)]
+            skip = [k for k in keys if k[1] is None]
+            done = dict(zip(skip, self.through_shortcut(t, [states[s] for s, _ in skip])))
+            for i in self.branches(t):
+                enter = [k for k in keys if k[1] == i]
+                done.update(zip(enter, self.through_residual(t, i, [states[s] for s, _ in enter])))
             states = [done[k] for k in keys]
         states = self.to_wrt(states)
         return torch.stack([states[s] for s in ptr])
@@ -264,13 +288,57 @@ def straightforward_path_grads(net, x, y, paths, wrt: str = "input", plan=None) 
 ENGINES = {"fast": fast_path_grads, "straightforward": straightforward_path_grads}
 
 
-def sample_paths(n: int, lengths: Sequence[int], samples: int, gen: torch.Generator):
-    """`samples` uniformly random k-subsets of range(n) for each k: [(k, frozenset), ...]."""
-    return [
-        (k, frozenset(torch.randperm(n, generator=gen)[:k].tolist()))
-        for k in lengths
-        for _ in range(samples)
-    ]
+def path_counts(n: int, groups: Sequence[Sequence[int]] | None = None) -> list[int]:
+    """Exact number of paths of each length 0..n: C(n, k) for n blocks in sequence; with
+    `groups` (`Network.path_groups`: a path enters at most one block of each), the elementary
+    symmetric sums of the group sizes (3^L paths for L parallel layers of two branches)."""
+    if groups is None:
+        return [math.comb(n, k) for k in range(n + 1)]
+    counts = [1] + [0] * n
+    for g in groups:  # each group: skip it (length kept) or enter one of its len(g) blocks
+        counts = [counts[0], *(c + len(g) * d for c, d in zip(counts[1:], counts[:-1]))]
+    return counts
+
+
+def sample_paths(
+    n: int,
+    lengths: Sequence[int],
+    samples: int,
+    gen: torch.Generator,
+    groups: Sequence[Sequence[int]] | None = None,
+):
+    """`samples` uniformly random paths of each length k: [(k, frozenset), ...]. Without
+    `groups`, k-subsets of range(n); with `groups` (some holding the branches of a parallel
+    layer), uniform over the paths that enter at most one block per group: groups are chosen
+    one by one with the probability of the paths that take them, then a block within."""
+    if groups is None:
+        return [
+            (k, frozenset(torch.randperm(n, generator=gen)[:k].tolist()))
+            for k in lengths
+            for _ in range(samples)
+        ]
+    # tail[t][r]: paths of length r through groups t.. (exact integers)
+    tail = [[1] + [0] * n]
+    for g in reversed(groups):
+        after = tail[0]
+        tail.insert(0, [after[0], *(a + len(g) * b for a, b in zip(after[1:], after[:-1]))])
+    rng = random.Random(int(torch.randint(2**62, (1,), generator=gen)))  # exact big integers
+    out = []
+    for k in lengths:
+        if not 0 <= k <= n or tail[0][k] == 0:
+            raise ConfigError(f"lengths={list(lengths)}: this network has no path of length {k}")
+        for _ in range(samples):
+            path, r = [], k
+            for t, g in enumerate(groups):
+                if r == 0:
+                    break
+                take = len(g) * tail[t + 1][r - 1]  # paths that enter group t
+                u = rng.randrange(tail[t][r])
+                if u < take:
+                    path.append(g[u % len(g)])
+                    r -= 1
+            out.append((k, frozenset(path)))
+    return out
 
 
 def path_grad_norms(

@@ -18,6 +18,9 @@ The model object is never modified, so an interrupted sweep cannot leave a lesio
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,13 +34,17 @@ class Block(nn.Module):
 
     `skip(x)` is the block's output when its residual branch is deleted. A plain (VGG) layer is
     a block without a shortcut whose deletion is the identity (plus any pooling it owns).
+
+    `parallel`: a branch of a parallel-residual layer (GPT-J, GPT-NeoX, Falcon, Phi, Cohere:
+    h + attn(ln_1(h)) + mlp(ln_2(h))) carries its layer's key; see `Network.steps`.
     """
 
     has_shortcut: bool = True
     downsampling: bool = False
     stage: int = 0
     layer_index: int | None = None  # transformers: the layer this sub-layer block belongs to
-    kind: str | None = None  # transformers: "attn", "mlp" or "layer"
+    kind: str | None = None  # transformers: "attn", "mlp", "mixer" or "layer"
+    parallel: int | None = None  # parallel residual: the layer whose input this branch shares
 
     def shortcut(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -126,13 +133,33 @@ def _backward_scale(t: Tensor, lam: float) -> Tensor:
 
 
 class Network(nn.Module):
-    """stem -> blocks (an ordered ModuleList of `Block`) -> head, executed under a `Plan`."""
+    """stem -> blocks (an ordered ModuleList of `Block`) -> head, executed under a `Plan`.
+
+    Parallel residual layers. The plan's sequence runs as *steps*: a step is one position,
+    except that consecutive positions whose blocks share a `parallel` key (distinct blocks of
+    one parallel-residual layer) form one step. All blocks of a step read the step's input h;
+    its output is h + (sum of the residual branches that run), the shortcut being the
+    identity. So `Plan(deleted={attention of layer i})` keeps layer i's MLP, which still reads
+    the layer's input; deleting every branch of a layer leaves h. In the unraveled view a path
+    enters at most one branch of a step (the layer's Jacobian is I + J_attn + J_mlp), so a
+    path's length is the number of branches it enters and `path_groups` lists the choices.
+    A reorder that moves one branch away from its layer makes it a step of its own; a block
+    run twice in a row (duplicate) runs as two steps. Networks without `parallel` blocks have
+    one step per position, as before.
+    """
 
     def __init__(self, stem: nn.Module, blocks: Sequence[Block], head: nn.Module):
         super().__init__()
         self.stem = stem
         self.blocks = nn.ModuleList(blocks)
         self.head = head
+        self.has_parallel = any(b.parallel is not None for b in self.blocks)
+        for b in self.blocks:
+            if b.parallel is not None and not (b.has_shortcut and type(b).merge is Block.merge):
+                raise ValueError(
+                    f"{type(b).__name__}: a parallel branch needs an identity shortcut and an "
+                    "additive merge"
+                )
 
     @property
     def n_blocks(self) -> int:
@@ -149,6 +176,58 @@ class Network(nn.Module):
             rows.append(row)
         return rows
 
+    def steps(self, plan: Plan = FULL) -> list[tuple[int, ...]]:
+        """The plan's positions grouped into steps (see the class doc): tuples of positions."""
+        seq = plan.sequence(self.n_blocks)
+        if not self.has_parallel:
+            return [(p,) for p in range(len(seq))]
+        out: list[list[int]] = []
+        for p, i in enumerate(seq):
+            key = self.blocks[i].parallel
+            prev = out[-1] if out else None
+            if (
+                prev is not None
+                and key is not None
+                and self.blocks[seq[prev[0]]].parallel == key
+                and i not in {seq[q] for q in prev}
+            ):
+                prev.append(p)
+            else:
+                out.append([p])
+        return [tuple(s) for s in out]
+
+    def path_groups(self, plan: Plan = FULL) -> list[tuple[int, ...]]:
+        """Per step of `plan`, the blocks a path can enter there (one at most): the blocks that
+        run with their residual branch."""
+        seq = plan.sequence(self.n_blocks)
+        groups = [tuple(seq[p] for p in s if seq[p] not in plan.deleted) for s in self.steps(plan)]
+        return [g for g in groups if g]
+
+    def restart(self, base: Plan, plan: Plan) -> int | None:
+        """First position at which `plan`'s computation can differ from `base`'s, at a step
+        boundary of both (so the cached input of `base` there is `plan`'s input too); None:
+        `plan` computes what `base` does."""
+        fixed = ("order", "deleted")
+        if dataclasses.replace(plan, **dict.fromkeys(fixed)) != dataclasses.replace(
+            base, **dict.fromkeys(fixed)
+        ):
+            return 0  # a global change (scale, drop, gradient gates): nothing can be reused
+        seq_b, seq_p = base.sequence(self.n_blocks), plan.sequence(self.n_blocks)
+        first = None
+        for pos, (i, j) in enumerate(zip(seq_b, seq_p)):
+            if i != j or (i in base.deleted) != (i in plan.deleted):
+                first = pos
+                break
+        if first is None:
+            if len(seq_b) == len(seq_p):
+                return None
+            first = min(len(seq_b), len(seq_p))
+        if not self.has_parallel:
+            return first
+        starts_b = {s[0] for s in self.steps(base)} | {len(seq_b)}
+        starts_p = {s[0] for s in self.steps(plan)} | {len(seq_p)}
+        return max(p for p in starts_b & starts_p if p <= first)
+
     def compile_blocks(self, **options) -> Network:
         """Compile the blocks, not the network: `torch.compile` of one function that runs a
         block given as an argument, so blocks of one type and shape share a graph, and the plan
@@ -163,6 +242,19 @@ class Network(nn.Module):
         )
         return self
 
+    def scaled(self, i: int, r: Tensor, plan: Plan) -> Tensor:
+        """Block i's residual output `r` with the plan's stochastic-depth drop, forward scales
+        and backward-only scale applied (the gradient-path gate is the caller's)."""
+        if plan.drop_prob is not None:
+            r = stochastic_depth(r, plan.drop_prob[i], "batch", self.training)
+        if plan.residual_scale != 1.0:
+            r = r * plan.residual_scale
+        if plan.branch_scale is not None and plan.branch_scale[i] != 1.0:
+            r = r * plan.branch_scale[i]
+        if plan.grad_scale is not None:
+            r = _backward_scale(r, plan.grad_scale)
+        return r
+
     def run_block(self, i: int, h: Tensor, plan: Plan = FULL) -> Tensor:
         block = self.blocks[i]
         fused, branches, skip = getattr(self, "_compiled", None) or (_fused, _branches, _skip)
@@ -175,37 +267,64 @@ class Network(nn.Module):
                 raise ValueError("gradient/scale plans need residual blocks, not plain layers")
             return fused(block, h)
         s, r = branches(block, h)
-        if plan.drop_prob is not None:
-            r = stochastic_depth(r, plan.drop_prob[i], "batch", self.training)
-        if plan.residual_scale != 1.0:
-            r = r * plan.residual_scale
-        if plan.branch_scale is not None and plan.branch_scale[i] != 1.0:
-            r = r * plan.branch_scale[i]
+        r = self.scaled(i, r, plan)
         if plan.grad_path is not None:
             if i in plan.grad_path:
                 s = s.detach()
             else:
                 r = r.detach()
-        if plan.grad_scale is not None:
-            r = _backward_scale(r, plan.grad_scale)
         return block.merge(s, r)
 
+    def run_step(self, blocks: Sequence[int], h: Tensor, plan: Plan = FULL) -> Tensor:
+        """One step: a single block, or the branches of a parallel layer on one input h."""
+        if len(blocks) == 1:
+            return self.run_block(blocks[0], h, plan)
+        running = [i for i in blocks if i not in plan.deleted]
+        if not running:
+            return h
+        entered = [] if plan.grad_path is None else [i for i in running if i in plan.grad_path]
+        if len(entered) > 1:
+            raise ValueError(
+                f"grad_path enters blocks {entered} of one parallel layer: a path enters at "
+                "most one branch of a parallel layer"
+            )
+        rs = []
+        for i in running:
+            r = self.scaled(i, self.blocks[i].residual(h), plan)
+            rs.append(r.detach() if plan.grad_path is not None and i not in entered else r)
+        s = h.detach() if entered else h
+        return s + functools.reduce(operator.add, rs)
+
     def trunk(self, h: Tensor, plan: Plan = FULL, start: int = 0) -> Tensor:
-        """Run the plan's block sequence from position `start` on the stem features `h`."""
-        for i in plan.sequence(self.n_blocks)[start:]:
-            h = self.run_block(i, h, plan)
+        """Run the plan's block sequence from position `start` (a step boundary) on the stem
+        features `h`, or on the cached input of that position."""
+        seq = plan.sequence(self.n_blocks)
+        if not self.has_parallel:
+            for i in seq[start:]:
+                h = self.run_block(i, h, plan)
+            return h
+        steps = self.steps(plan)
+        if start < len(seq) and start not in {s[0] for s in steps}:
+            raise ValueError(f"position {start} lies inside a parallel layer: restart at its start")
+        for step in steps:
+            if step[0] >= start:
+                h = self.run_step([seq[p] for p in step], h, plan)
         return h
 
-    def block_inputs(self, x: Tensor) -> list[Tensor]:
-        """Cache of the unlesioned network: the input of every block, then the trunk output.
-
-        `cache[i]` is the input of block i; `cache[n]` feeds the head.
-        """
+    def block_inputs(self, x: Tensor, plan: Plan = FULL) -> list[Tensor]:
+        """Cache of the network under `plan` (default: unlesioned): the input of every position
+        of the plan's sequence (inside a parallel layer: the layer's input), then the trunk
+        output. `cache[p]` is the input of position p; `cache[-1]` feeds the head."""
         h = self.stem(x)
-        cache = [h]
-        for block in self.blocks:
-            h = block(h)
-            cache.append(h)
+        cache = []
+        seq = plan.sequence(self.n_blocks)
+        for step in self.steps(plan):
+            cache += [h] * len(step)
+            if plan == FULL and len(step) == 1:
+                h = self.blocks[seq[step[0]]](h)
+            else:
+                h = self.run_step([seq[p] for p in step], h, plan)
+        cache.append(h)
         return cache
 
     def forward(self, x: Tensor, plan: Plan | None = None) -> Tensor:
