@@ -16,6 +16,7 @@ sweep report's arms.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -124,7 +125,13 @@ def effective_window(runs, tables):
     windows = []
     for _, r in t.groupby("run_dir"):
         n = int(r.n_blocks.iloc[0])
-        totals = stats.total_gradient(n, r.length, r.grad_norm_mean)
+        # paths per length: recorded by the study (parallel layers have fewer); else C(n, k)
+        counts = (
+            dict(zip(r.length, r.paths))
+            if "paths" in r
+            else [math.comb(n, k) for k in range(n + 1)]
+        )
+        totals = stats.total_gradient(counts, r.length, r.grad_norm_mean)
         lo, hi = _window(totals.share.tolist(), 0.9)
         windows.append((int(r.length.iloc[lo]), int(r.length.iloc[hi]), n))
     lo, hi, n = windows[0]

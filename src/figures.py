@@ -10,6 +10,7 @@ confidence band is drawn when there are several (seeds).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from math import comb
 
 import numpy as np
@@ -148,7 +149,7 @@ def reorder(table: pd.DataFrame) -> Figure:
 
 
 def gradient_paths(
-    n: int,
+    counts: Sequence[int],
     rows: pd.DataFrame,
     fit: dict,
     totals: pd.DataFrame,
@@ -156,11 +157,12 @@ def gradient_paths(
     exact: pd.DataFrame | None = None,
 ) -> Figure:
     """Fig 6: (a) path lengths, (b) gradient norm per path length with the exponential fit,
-    (c) total gradient per length (count x mean norm; and the exact signed sums ||G_k||)."""
+    (c) total gradient per length (count x mean norm; and the exact signed sums ||G_k||).
+    `counts[k]`: the number of paths of length k."""
     ks = rows.length.tolist()
     fig = Figure(figsize=(13, 3.4))
     axes = fig.subplots(1, 3)
-    axes[0].bar(range(n + 1), [comb(n, k) / 2**n for k in range(n + 1)])
+    axes[0].bar(range(len(counts)), [c / sum(counts) for c in counts])
     axes[0].set(title="(a) path lengths", xlabel="path length", ylabel="fraction of paths")
     axes[1].errorbar(ks, rows.grad_norm_mean, yerr=rows.grad_norm_std, fmt="o", ms=3, lw=0.8)
     if fit["decay_rate"] is not None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from math import comb
 from pathlib import Path
 
 import numpy as np
@@ -105,11 +104,15 @@ def length_stats(lengths: Sequence[int], norms: Sequence[float]) -> pd.DataFrame
     return out.fillna({"grad_norm_std": 0.0}).reset_index()
 
 
-def total_gradient(n: int, lengths: Sequence[int], mean_norms: Sequence[float]) -> pd.DataFrame:
-    """Fig 6c: C(n, k) x mean norm per measured length, as log10 and as a share of their sum.
-    Counts reach 2^54, so the products are formed in log space (math.log of exact ints)."""
+def total_gradient(
+    counts: Sequence[int], lengths: Sequence[int], mean_norms: Sequence[float]
+) -> pd.DataFrame:
+    """Fig 6c: (number of paths of length k) x mean norm per measured length k, as log10 and as
+    a share of their sum; `counts[k]` is that number (C(n, k) for n blocks in sequence:
+    `src.engines.paths.path_counts`). Counts reach 2^54, so the products are formed in log
+    space (math.log of exact ints)."""
     logs = [
-        math.log(comb(n, int(k))) + math.log(g) if g > 0 and comb(n, int(k)) else -math.inf
+        math.log(counts[int(k)]) + math.log(g) if g > 0 and counts[int(k)] else -math.inf
         for k, g in zip(lengths, mean_norms)
     ]
     top = max(logs)

@@ -288,7 +288,7 @@ def check_gradient_outputs(out: Path, samples: int) -> None:
     """Figs 6b/6c's tables, summary and figure of a 54-block ResNet: the gradient falls with
     path length, the exact per-length sums sit beside the sampled estimate (count x mean)."""
     rows = read_csv(out / "gradient_paths.csv")
-    assert own_columns(rows[0]) == ["length", "samples", "grad_norm_mean", "grad_norm_std"]
+    assert own_columns(rows[0]) == ["length", "samples", "grad_norm_mean", "grad_norm_std", "paths"]
     assert [int(r["length"]) for r in rows] == list(range(1, 55))
     assert all(int(r["samples"]) == samples for r in rows)
     summary = json.loads((out / "summary.json").read_text())["gradient_paths"]

@@ -22,6 +22,7 @@ from src.engines.paths import (
     BlockVJPs,
     fast_path_grads,
     gated_grad,
+    path_counts,
     path_grad_norms,
     prepared,
     sample_paths,
@@ -173,7 +174,7 @@ def test_summaries_recover_a_known_decay():
     assert fit["decay_rate_se"] == pytest.approx(0.0, abs=1e-6)
     noisy = fit_decay(lengths, norms)  # every sample: the spread gives a standard error
     assert noisy["decay_rate"] == pytest.approx(-0.3, abs=0.01) and noisy["decay_rate_se"] > 1e-3
-    totals = total_gradient(54, rows.length, rows.grad_norm_mean)
+    totals = total_gradient(path_counts(54), rows.length, rows.grad_norm_mean)
     exact = [comb(54, int(k)) * g for k, g in zip(rows.length, rows.grad_norm_mean)]
     assert totals.share.tolist() == pytest.approx([e / sum(exact) for e in exact])
 

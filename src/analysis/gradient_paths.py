@@ -5,7 +5,7 @@ over `batches` training batches (also drawn from `seed`), and measured by the gr
 (src/engines/paths.py) on the network that was tested: the trained network's eval plan with the
 backward-only gate on top. The exact per-length decomposition (src/engines/decomposition.py) runs
 on the first batch. Writes the tables `analysis/gradient_paths.{parquet,csv}` (the run's metadata
-columns, then length,samples,grad_norm_mean,grad_norm_std) and
+columns, then length,samples,grad_norm_mean,grad_norm_std,paths) and
 `analysis/path_decomposition.{parquet,csv}`, the figure `gradient_paths.png`, and the
 `gradient_paths` entry of `summary.json` (decay rate with its standard error, Fig 6c window).
 """
@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from math import comb
 
 import pandas as pd
 import torch
 
 from src import figures
 from src.analysis.base import AnalysisCallback
-from src.analysis.path_stats import check_share, share_between, shortest_window
+from src.analysis.path_stats import check_share, shortest_window
 from src.data.datamodules import batches
 from src.engines.decomposition import decompose
 from src.engines.paths import (
@@ -31,6 +30,7 @@ from src.engines.paths import (
     as_input,
     check_residual,
     gradient_plan,
+    path_counts,
     path_grad_norms,
     prepared,
     sample_paths,
@@ -46,7 +46,7 @@ class GradientPaths(AnalysisCallback):
     """Figs 6b/6c after testing: `samples` random paths of each length in `lengths` (None: 1..n),
     spread round-robin over `batches` random training batches, each batch forwarded once.
 
-    Writes `analysis/gradient_paths.csv` (length,samples,grad_norm_mean,grad_norm_std),
+    Writes `analysis/gradient_paths.csv` (length,samples,grad_norm_mean,grad_norm_std,paths),
     `analysis/path_decomposition.csv` (exact ||G_k||, when `decomposition`), the figure, and
     `gradient_paths` in `analysis/summary.json` (decay rate, Fig 6c window of `share`).
     """
@@ -73,8 +73,9 @@ class GradientPaths(AnalysisCallback):
         self.split, self.bn, self.wrt, self.share, self.engine = split, bn, wrt, share, engine
         self.decomposition, self.dtype = decomposition, dtype
 
-    def validate(self, n: int) -> list[int]:
-        """Raise ConfigError on bad settings; return the lengths to sample for n blocks.
+    def validate(self, n: int, longest: int | None = None) -> list[int]:
+        """Raise ConfigError on bad settings; return the lengths to sample for n blocks whose
+        longest path has `longest` branches (None: n; fewer in parallel-residual layers).
 
         Called from `setup` (before training) rather than the constructor: Hydra's `instantiate`
         wraps constructor errors, while errors from Lightning hooks reach run.py's one-line report.
@@ -93,19 +94,29 @@ class GradientPaths(AnalysisCallback):
             raise ConfigError(f"dtype={self.dtype!r}: choose float64 (default) or float32")
         if self.split not in ("train", "val", "test"):
             raise ConfigError(f"split={self.split!r}: choose train, val or test")
-        lengths = list(range(1, n + 1)) if self.lengths is None else self.lengths
-        if not lengths or not 1 <= min(lengths) <= max(lengths) <= n:
+        top = n if longest is None else longest
+        lengths = list(range(1, top + 1)) if self.lengths is None else self.lengths
+        if not lengths or not 1 <= min(lengths) <= max(lengths) <= top:
             raise ConfigError(
-                f"lengths={lengths}: path lengths must lie in 1..{n} (this network has {n} blocks)"
+                f"lengths={lengths}: path lengths must lie in 1..{top} (this network has {n} "
+                f"blocks, and its longest path enters {top})"
             )
         return lengths
 
     def check(self, pl_module) -> list[int]:
         """Raise ConfigError when the analysis cannot apply to the module's network; return the
         lengths to sample."""
-        check_residual(pl_module.net)
+        net = pl_module.net
+        check_residual(net)
         gradient_plan(pl_module.eval_plan)
-        return self.validate(pl_module.net.n_blocks)
+        groups = self.groups(net, pl_module.eval_plan)
+        return self.validate(net.n_blocks, None if groups is None else len(groups))
+
+    @staticmethod
+    def groups(net, plan) -> list[tuple[int, ...]] | None:
+        """The choices of a path per step where the network has parallel-residual layers (a path
+        enters at most one branch of each); None for blocks in sequence."""
+        return net.path_groups(plan or Plan()) if net.has_parallel else None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self.check(pl_module)  # fail before training, not after
@@ -124,7 +135,9 @@ class GradientPaths(AnalysisCallback):
         dtype = getattr(torch, self.dtype)  # float64: long paths' norms (~1e-40) stay representable
         measured = prepared(net, self.bn, dtype)
         gen = torch.Generator().manual_seed(int(self.seed))
-        sampled = sample_paths(n, lengths, int(self.samples), gen)
+        groups = self.groups(net, plan)
+        counts = path_counts(n, groups)
+        sampled = sample_paths(n, lengths, int(self.samples), gen, groups)
         data = batches(
             trainer.datamodule, self.split, pl_module.device, train=False, seed=int(self.seed)
         )
@@ -139,8 +152,9 @@ class GradientPaths(AnalysisCallback):
             )
             norms[idx] = got.to(norms)
         rows = length_stats([k for k, _ in sampled], norms.tolist())
+        rows["paths"] = [float(counts[k]) for k in rows.length]  # paths of that length
         fit = fit_decay(rows.length, rows.grad_norm_mean)
-        totals = total_gradient(n, rows.length, rows.grad_norm_mean)
+        totals = total_gradient(counts, rows.length, rows.grad_norm_mean)
         lo, hi = shortest_window(totals.share.tolist(), self.share)
         lengths_lo, lengths_hi = int(rows.length[lo]), int(rows.length[hi])
         summary = {
@@ -158,13 +172,14 @@ class GradientPaths(AnalysisCallback):
             "share": self.share,
             "effective_window": [lengths_lo, lengths_hi],
             "effective_window_share": math.fsum(totals.share[lo : hi + 1]),
-            "effective_window_fraction_of_paths": float(share_between(n, lengths_lo, lengths_hi)),
+            "effective_window_fraction_of_paths": sum(counts[lengths_lo : lengths_hi + 1])
+            / sum(counts),
             "peak_total_length": int(totals.length[totals.share.idxmax()]),
         }
         exact = None
         if self.decomposition:
             x, y = as_input(held[0][0], dtype), held[0][1]
-            exact = self.decomposition_table(measured, x, y, rows, plan)
+            exact = self.decomposition_table(measured, x, y, rows, plan, counts)
             norms = exact.grad_norm_exact.tolist()
             e_lo, e_hi = shortest_window(norms, self.share)
             full = exact.attrs["full_grad_norm"]
@@ -175,20 +190,20 @@ class GradientPaths(AnalysisCallback):
                 "exact_sum_of_norms_over_full": math.fsum(norms) / full if full else None,
             }
             self.record(trainer, pl_module, exact, study="path_decomposition", metric=GRAD)
-        fig = figures.gradient_paths(n, rows, fit, totals, (lo, hi), exact)
+        fig = figures.gradient_paths(counts, rows, fit, totals, (lo, hi), exact)
         self.record(trainer, pl_module, rows, summary, fig, metric=GRAD)
 
-    def decomposition_table(self, net, x, y, rows: pd.DataFrame, plan) -> pd.DataFrame:
-        """Exact ||G_k|| per length k beside Fig 6c's estimate C(n, k) x mean path norm."""
+    def decomposition_table(self, net, x, y, rows: pd.DataFrame, plan, counts) -> pd.DataFrame:
+        """Exact ||G_k|| per length k beside Fig 6c's estimate counts[k] x mean path norm."""
         n = net.n_blocks
         g = decompose(net, x, y, self.wrt, self.bn, plan=plan)
         mean = dict(zip(rows.length, rows.grad_norm_mean))
         table = pd.DataFrame(
             {
                 "length": list(range(n + 1)),
-                "count": [str(comb(n, k)) for k in range(n + 1)],  # exact: C(96, 48) > 2^63
+                "count": [str(c) for c in counts],  # exact: C(96, 48) > 2^63
                 "grad_norm_exact": [float(g[k].norm()) for k in range(n + 1)],
-                "count_x_mean_norm": [comb(n, k) * mean.get(k, math.nan) for k in range(n + 1)],
+                "count_x_mean_norm": [c * mean.get(k, math.nan) for k, c in enumerate(counts)],
             }
         )
         table.attrs["full_grad_norm"] = float(g.sum(0).norm())
