@@ -46,6 +46,28 @@ def validate(cfg: DictConfig) -> None:
     check_device(cfg)
 
 
+FIX = {
+    "tokens": "a language model runs on text: use experiment=lm_lesions (data=text, "
+    "module=src.lm.LanguageModel) with model=hf_causal_lm",
+    "images": "an image classifier runs on image data: use an image model (e.g. model=resnet110, "
+    "model=vit_digits or model=timm) with data=digits/fashion_mnist/cifar10/imagenet",
+}
+
+
+def check_pairing(net, datamodule, module_class) -> None:
+    """The network, the data and the LightningModule take the same kind of input (images or
+    tokens), else one line naming the fix (before any work: `model=hf_causal_lm preset=quick`
+    would otherwise die inside the embedding)."""
+    kinds = {
+        "the model": getattr(net, "inputs", "images"),
+        "the data": getattr(datamodule, "inputs", "images"),
+        "the module": getattr(module_class, "inputs", "images"),
+    }
+    if len(set(kinds.values())) > 1:
+        said = ", ".join(f"{k} takes {v}" for k, v in kinds.items())
+        raise ConfigError(f"{said}: {FIX[kinds['the model']]}")
+
+
 def check_choices(argv: list[str]) -> None:
     """Fail fast, in one line, on an unknown config-group option (e.g. `model=resnet111`)."""
     for arg in argv:

@@ -44,6 +44,7 @@ RECIPE = dict(
 
 
 class LanguageModel(L.LightningModule):
+    inputs = "tokens"  # checked against the network and the data (src/errors.py: check_pairing)
     metric = "loss"  # what the lesion studies measure on this module
 
     def __init__(

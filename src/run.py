@@ -27,7 +27,14 @@ from src.cluster import (
     terminating,
     watch_sigterm,
 )
-from src.errors import ConfigError, DataUnavailable, check_choices, exit_with, validate
+from src.errors import (
+    ConfigError,
+    DataUnavailable,
+    check_choices,
+    check_pairing,
+    exit_with,
+    validate,
+)
 from src.results import write_json
 from src.rundir import refuse_to_overwrite, wandb_id
 
@@ -124,6 +131,7 @@ def train(cfg: DictConfig) -> dict:
         net.compile_blocks()
     mode = instantiate(cfg.training)
     module_class = get_class(cfg.get("module") or "src.module.Classifier")  # LMs: src.lm
+    check_pairing(net, datamodule, module_class)
     module = module_class(net, mode=mode, num_classes=datamodule.num_classes, **cfg.optim)
     module.facts = run_facts(cfg, choices, net, mode, trained_seed)  # every table's metadata
     ddp_ranks_join_this_job()

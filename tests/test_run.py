@@ -129,6 +129,10 @@ def test_bad_input_gets_one_line_error_and_nonzero_exit(tmp_path):
         ("preset=quick", "train=false", "ckpt_path=nope.ckpt"): "no such file",
         ("train=false", f"ckpt_path={not_a_checkpoint}"): f"{not_a_checkpoint} is not a checkpoint",
         ("preset=quick", "data.batch_size=0"): "batch_size",
+        ("model=hf_causal_lm", "preset=quick"): "the model takes tokens, the data takes images",
+        ("experiment=lm_lesions", "preset=quick", "model=vit_digits", "~model.config"): (
+            "the model takes images, the data takes tokens"
+        ),
     }
     if not torch.cuda.is_available():
         cases[("preset=quick", "trainer=gpu")] = "trainer=gpu needs a CUDA GPU"

@@ -79,6 +79,7 @@ class TensorDataModule(L.LightningDataModule):
 
     channels: int
     num_classes: int
+    inputs = "images"  # what a batch's x holds: "images" or "tokens" (src/data/text.py)
     scale: float = 1.0  # raw pixel value that maps to 1.0
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -335,6 +336,7 @@ class ImageNetDataModule(L.LightningDataModule):
     """ImageNet from a user-given directory with `train/` and `val/` class folders (ImageFolder)."""
 
     channels, num_classes = 3, 1000
+    inputs = "images"
 
     def __init__(
         self,

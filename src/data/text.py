@@ -75,6 +75,7 @@ class TextDataModule(TensorDataModule):
     """
 
     channels = 1
+    inputs = "tokens"
 
     def __init__(
         self,

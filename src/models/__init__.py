@@ -1,17 +1,21 @@
-"""Networks with the shape stem -> ordered blocks -> head, run under a `Plan`."""
+"""Networks with the shape stem -> ordered blocks -> head, run under a `Plan`; `adapt(model)`
+turns a Hugging Face, timm or torchvision model into one (src/models/adapt.py)."""
 
 import importlib
 
+from src.models.adapt import FAMILIES, adapt
 from src.models.network import FULL, Block, Network, Plan, count_parameters
 from src.models.preact_resnet import preact_resnet_cifar, preact_resnet_imagenet
 from src.models.torchvision_resnet import torchvision_resnet
 from src.models.vgg import vgg15
 
 __all__ = [
+    "FAMILIES",
     "FULL",
     "Block",
     "Network",
     "Plan",
+    "adapt",
     "causal_lm_network",
     "count_parameters",
     "hf_causal_lm",

@@ -137,6 +137,7 @@ def adapt(model: nn.Module, verify: bool = True, **options) -> Network:
     `options` go to the family's adapter (e.g. granularity="layer")."""
     family = family_of(model)
     net = family.build(model, **options)
+    net.inputs = "tokens" if family.library == "transformers" else "images"
     if verify:
         check_equal(net, model)
     return net

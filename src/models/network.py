@@ -148,6 +148,8 @@ class Network(nn.Module):
     one step per position, as before.
     """
 
+    inputs = "images"  # what the stem takes: "images" or "tokens" (a language model's ids)
+
     def __init__(self, stem: nn.Module, blocks: Sequence[Block], head: nn.Module):
         super().__init__()
         self.stem = stem

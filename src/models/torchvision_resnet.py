@@ -13,6 +13,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from src.models.adapt import adapt, register
 from src.models.network import Block, Network
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -50,6 +51,23 @@ class TorchvisionBlock(Block):
         return self.block(x)
 
 
+@register(
+    "torchvision ResNet",
+    "torchvision",
+    ("ResNet",),
+    "one block per BasicBlock / Bottleneck (post-activation: deleting keeps relu(shortcut))",
+)
+def resnet_network(tv: torchvision.models.ResNet) -> Network:
+    """A torchvision ResNet as a `Network` sharing its modules."""
+    stem = nn.Sequential(tv.conv1, tv.bn1, tv.relu, tv.maxpool)
+    blocks = [
+        TorchvisionBlock(b, stage)
+        for stage, layer in enumerate((tv.layer1, tv.layer2, tv.layer3, tv.layer4))
+        for b in layer
+    ]
+    return Network(stem, blocks, nn.Sequential(tv.avgpool, nn.Flatten(), tv.fc))
+
+
 def torchvision_resnet(
     arch: str = "resnet50",
     num_classes: int = 1000,
@@ -70,11 +88,4 @@ def torchvision_resnet(
         tv.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     if in_channels != 3:
         tv.conv1 = nn.Conv2d(in_channels, tv.conv1.out_channels, 7, 2, 3, bias=False)
-    stem = nn.Sequential(tv.conv1, tv.bn1, tv.relu, tv.maxpool)
-    blocks = [
-        TorchvisionBlock(b, stage)
-        for stage, layer in enumerate((tv.layer1, tv.layer2, tv.layer3, tv.layer4))
-        for b in layer
-    ]
-    head = nn.Sequential(tv.avgpool, nn.Flatten(), tv.fc)
-    return Network(stem, blocks, head)
+    return adapt(tv)
