@@ -158,7 +158,7 @@ QUICK = [
 def test_lm_lesions_cli_trains_and_measures_loss(tmp_path):
     """experiment=lm_lesions preset=quick, shortened: tables in loss with perplexity."""
     out = tmp_path / "run"
-    run_cli(*QUICK, "trainer.max_steps=30", "model.config.n_layer=8", f"hydra.run.dir={out}")
+    run_cli(*QUICK, "trainer.max_steps=30", "lm_size.layers=8", f"hydra.run.dir={out}")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["data"] == "text" and metrics["n_blocks"] == 16
     assert metrics["test_perplexity"] == pytest.approx(math.exp(metrics["test_loss"]), rel=1e-4)

@@ -202,3 +202,17 @@ def check_equal(net: Network, model: nn.Module, x: Tensor | None = None) -> floa
             f"Supported families: {supported()}"
         )
     return float(diff.max())
+
+
+def families_table() -> str:
+    """The README's table of supported families, from the registry (`python -m
+    src.models.adapt` prints it; tests/test_docs.py checks that the README has it)."""
+    lines = ["| family | library | matched by | blocks |", "|---|---|---|---|"]
+    for f in load_registry().values():
+        keys = ", ".join(f"`{k}`" for k in f.keys)
+        lines.append(f"| {f.name} | {f.library} | {keys} | {f.layout} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(families_table())
