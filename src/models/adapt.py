@@ -214,5 +214,5 @@ def families_table() -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    print(families_table())
+if __name__ == "__main__":  # the registry lives in the imported module, not in __main__
+    print(importlib.import_module("src.models.adapt").families_table())
