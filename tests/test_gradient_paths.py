@@ -157,6 +157,23 @@ def test_fast_equals_straightforward_under_deletions_and_reordering():
     assert not torch.allclose(fast, fast_path_grads(net, x, y, paths, chunk=3))
 
 
+def test_a_plan_running_a_block_twice_is_refused_by_every_gradient_engine():
+    """A path is a set of blocks: with block 0 run twice (a duplicate lesion) the set {0} would
+    stand for three paths, so gradient plans may run each block once only."""
+    from src.engines.decomposition import decompose, enumerate_paths
+
+    net, (x, y) = tiny(), batch()
+    plan = Plan(order=(0, 0, 1, 2, 3, 4, 5))
+    for measure in (
+        lambda: fast_path_grads(net, x, y, [frozenset({0})], plan=plan),
+        lambda: straightforward_path_grads(net, x, y, [frozenset({0})], plan=plan),
+        lambda: decompose(net, x, y, plan=plan),
+        lambda: enumerate_paths(net, x, y, plan=plan),
+    ):
+        with pytest.raises(ConfigError, match="more than once"):
+            measure()
+
+
 def test_sampled_paths_have_the_requested_lengths():
     sampled = sample_paths(54, [1, 23, 54], 5, torch.Generator().manual_seed(0))
     assert [len(p) for _, p in sampled] == [k for k, _ in sampled] == [1] * 5 + [23] * 5 + [54] * 5

@@ -60,6 +60,11 @@ def gradient_plan(base: Plan | None, **gate) -> Plan:
             "gradient paths measure a fixed eval plan (order, deleted, residual_scale), not one "
             "with drop_prob/branch_scale/grad_path/grad_scale: pass the network's test-time plan"
         )
+    if base.order is not None and len(set(base.order)) < len(base.order):
+        raise ConfigError(
+            f"order={list(base.order)} runs a block more than once: a path is a set of blocks, "
+            "so gradient paths measure plans that run each block at most once"
+        )
     return dataclasses.replace(base, **gate)
 
 
