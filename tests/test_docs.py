@@ -430,6 +430,8 @@ def check_lm_lesions(command, tmp_path_factory, tmp_path):
         run_cli(*words(command, subs), *SHORTEN["gradient_paths"], cwd=copy)
         blocks = 16
     run = single_run(copy, "lm_lesions")
+    # GPT-NeoX's parallel layers: a path enters at most one of a layer's two branches
+    longest = blocks // 2 if "model=gpt_neox" in command else blocks
     single = pd.read_csv(run / "analysis" / "delete_single.csv")
     assert len(single) == blocks and set(single.metric) == {"loss"}
     assert sorted(set(single.kind)) == ["attn", "mlp"]
@@ -440,11 +442,23 @@ def check_lm_lesions(command, tmp_path_factory, tmp_path):
         assert set(pd.read_csv(run / "analysis" / f"{study}.csv").metric) == {"loss"}
     # gradient per path length at the embedding output, and its exact per-length sums
     paths = pd.read_csv(run / "analysis" / "gradient_paths.csv")
-    assert sorted(paths.length) == list(range(1, blocks + 1)) and (paths.grad_norm_mean > 0).all()
+    assert sorted(paths.length) == list(range(1, longest + 1))
+    assert (paths.grad_norm_mean > 0).all()
     exact = pd.read_csv(run / "analysis" / "path_decomposition.csv")
     assert sorted(exact.length) == list(range(blocks + 1))
+    per_layer = blocks // longest  # branches a path can choose from at each step
+    counts = [math.comb(longest, k) * per_layer**k for k in range(blocks + 1)]
+    assert exact["count"].astype(int).tolist() == counts  # C(n, k); C(L, k) 2^k for parallel
     # their values are norms of the loss's gradient, for a language model as for a classifier
     assert set(paths.metric) == set(exact.metric) == {"grad_norm"}
+
+
+def check_families_table(command, tmp_path_factory, tmp_path):
+    """`python -m src.models.adapt` prints the registry's table, the one the README shows."""
+    from src.models.adapt import families_table
+
+    res = run_cli(*words(command), module="src.models.adapt", cwd=fresh_copy(tmp_path))
+    assert res.stdout.strip() == families_table()
 
 
 def check_test_rules(command, tmp_path_factory, tmp_path):
@@ -583,6 +597,7 @@ class Rule:
 
 SLURM = (pytest.mark.slow, pytest.mark.slurm, pytest.mark.xdist_group("slurm"))
 RULES = [
+    Rule(r"python -m src\.models\.adapt", check_families_table),
     Rule(
         r"(python -m venv .*&& )?python -m src\.run experiment=delete_single preset=quick",
         check_quickstart,
@@ -610,7 +625,8 @@ RULES = [
     Rule(r"python -m src\.report (\S+|<multirun dir>)", check_report),
     Rule(r"python -m src\.run experiment=vit_lesions preset=quick", check_vit_lesions),
     Rule(
-        r"python -m src\.run experiment=lm_lesions (preset=quick|train=false model\.path=.*)",
+        r"python -m src\.run experiment=lm_lesions "
+        r"(preset=quick( model=gpt_neox)?|train=false model\.path=.*)",
         check_lm_lesions,
     ),
     Rule(
@@ -632,6 +648,17 @@ RULES = [
 
 def rules_for(command: str) -> list[Rule]:
     return [r for r in RULES if re.fullmatch(r.pattern, command)]
+
+
+def test_the_readme_lists_the_registered_families():
+    """The README's table of supported families is the registry's (`python -m src.models.adapt`
+    prints it): a family added without its row, or a row without its family, fails here."""
+    from src.models.adapt import families_table
+
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("<!-- families: python -m src.models.adapt -->\n") + 46
+    documented = readme[start : readme.index("\n<!-- /families -->")]
+    assert documented == families_table()
 
 
 def test_every_documented_command_has_a_rule():
