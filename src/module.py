@@ -114,6 +114,7 @@ def _log(probs: torch.Tensor) -> torch.Tensor:
 
 class Classifier(L.LightningModule):
     inputs = "images"  # checked against the network and the data (src/errors.py: check_pairing)
+
     def __init__(
         self,
         net: Network,
