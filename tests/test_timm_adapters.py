@@ -410,8 +410,9 @@ def test_timm_model_builds_any_registered_arch_verified():
         num_heads=2,
     )
     assert [r["kind"] for r in net.block_info()] == ["layer", "layer"]
-    net = timm_model("resnet18", in_channels=1, num_classes=5, granularity="layer")  # ignored
-    assert net.n_blocks == 8
+    assert timm_model("resnet18", in_channels=1, num_classes=5).n_blocks == 8
+    with pytest.raises(ConfigError, match="granularity=layer: timm ResNet has one block per"):
+        timm_model("resnet18", in_channels=1, num_classes=5, granularity="layer")
     with pytest.raises(ConfigError, match="model.weights"):
         timm_model("resnet18", weights="/nonexistent/resnet18.pth")
 

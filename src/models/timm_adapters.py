@@ -736,13 +736,21 @@ def timm_model(
 ) -> Network:
     """Any timm `arch` of a registered family, built with pretrained=False (`overrides` go to
     timm: img_size, patch_size, depth, embed_dim, ...), weights from a local file only, adapted
-    and verified. `granularity` goes to the families that take it (the transformers)."""
+    and verified. `granularity` ("sublayer" / "layer") is for the transformer families; None:
+    their default (sublayer)."""
     model = timm.create_model(
         arch, pretrained=False, in_chans=in_channels, num_classes=num_classes, **overrides
     )
     _load(model, weights, arch)
-    takes = "granularity" in inspect.signature(family_of(model).build).parameters
-    return adapt(model, **({"granularity": granularity} if granularity and takes else {}))
+    family = family_of(model)
+    if granularity is None:
+        return adapt(model)
+    if "granularity" not in inspect.signature(family.build).parameters:
+        raise ConfigError(
+            f"model.granularity={granularity}: {family.name} has one block per residual block "
+            "and no sub-layers; leave model.granularity=null"
+        )
+    return adapt(model, granularity=granularity)
 
 
 def timm_vit(
