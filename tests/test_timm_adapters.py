@@ -424,3 +424,33 @@ def test_timm_config_builds_a_network_for_digits_and_cifar(size):
     net = instantiate(cfg.model, _convert_="all", in_channels=1, num_classes=10).eval()
     with torch.no_grad():
         assert net(torch.randn(2, 1, size, size)).shape == (2, 10)
+
+
+@pytest.mark.slow
+def test_a_lesion_experiment_runs_on_a_timm_arch_from_the_command_line(tmp_path):
+    """`model=timm model.arch=<name>` with timm's own keys: a RoPE ViT (EVA family) trained on
+    digits, then every block duplicated in place, one row per sub-layer with its layer and kind."""
+    import pandas as pd
+
+    from tests.conftest import run_cli
+
+    sizes = ["+model.img_size=8", "+model.patch_size=2", "+model.depth=2", "+model.embed_dim=16"]
+    run_cli(
+        "experiment=duplicate",
+        "preset=quick",
+        "model=timm",
+        "model.arch=vit_small_patch16_rope_mixed_224",
+        *sizes,
+        "+model.num_heads=2",
+        "trainer.max_steps=10",
+        f"hydra.run.dir={tmp_path}",
+        "logger=csv",
+    )
+    rows = pd.read_csv(tmp_path / "analysis" / "duplicate.csv")
+    assert rows[["layer", "kind"]].values.tolist() == [
+        [0, "attn"],
+        [0, "mlp"],
+        [1, "attn"],
+        [1, "mlp"],
+    ]
+    assert rows.model.unique().tolist() == ["timm"]
