@@ -46,7 +46,7 @@ def _labelled(table: pd.DataFrame) -> pd.DataFrame:
 def delete_single(table: pd.DataFrame) -> Figure:
     """Test error per deleted block (Figs 3, 4, 8): one line per label, its unlesioned error
     dashed, downsampling blocks marked."""
-    return _per_block(
+    return per_block(
         table,
         "deleted",
         "Deleting individual blocks at test time (Veit et al. Figs 3, 4, 8)",
@@ -55,10 +55,12 @@ def delete_single(table: pd.DataFrame) -> Figure:
 
 def duplicate(table: pd.DataFrame) -> Figure:
     """Test error per duplicated block (each run twice in place), as Fig. 3 draws deletions."""
-    return _per_block(table, "duplicated", "Duplicating individual blocks at test time")
+    return per_block(table, "duplicated", "Duplicating individual blocks at test time")
 
 
-def _per_block(table: pd.DataFrame, verb: str, title: str) -> Figure:
+def per_block(table: pd.DataFrame, verb: str, title: str) -> Figure:
+    """Test error per lesioned block ("block `verb`"), as Fig. 3 draws deletions: one line per
+    label, its unlesioned error dashed, downsampling blocks marked."""
     table = _labelled(table)
     fig = Figure(figsize=(7, 3.6))
     ax = fig.subplots()

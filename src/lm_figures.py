@@ -1,7 +1,8 @@
 """Figures of lesion tables measured in loss (a language model's next-token cross-entropy), the
-counterparts of src/figures.py's delete_single / delete_many / reorder, which draw an error rate
-on [0, 1]. A loss is unbounded, so the axis follows the data (log scale when the values span more
-than a factor of 10), and a transformer's sub-layers are marked by kind (attention, MLP).
+counterparts of src/figures.py's per-block (delete_single, duplicate, ...), delete_many
+and reorder figures, which draw an error rate on [0, 1]. A loss is unbounded, so the axis follows
+the data (log scale when the values span more than a factor of 10), and a transformer's
+sub-layers are marked by kind (attention, MLP).
 Same object API: one `Figure` per call, no pyplot state. Tables of one run (a `label` column)."""
 
 from __future__ import annotations
@@ -27,17 +28,28 @@ def _label(table: pd.DataFrame) -> str:
 def delete_single(table: pd.DataFrame, metric: str = "loss") -> Figure:
     """Loss per deleted block (Figs 3, 4 for a transformer): a marker per sub-layer kind, the
     unlesioned loss dashed."""
+    return per_block(table, metric, "deleted", "Deleting one sub-layer")
+
+
+def duplicate(table: pd.DataFrame, metric: str = "loss") -> Figure:
+    """Loss per duplicated block (each run twice in place), drawn as deletions are."""
+    return per_block(table, metric, "duplicated", "Duplicating one sub-layer")
+
+
+def per_block(table: pd.DataFrame, metric: str, verb: str, title: str) -> Figure:
+    """`metric` per lesioned block ("sub-layer `verb`"): a marker per sub-layer kind, the
+    unlesioned value dashed."""
     fig = Figure(figsize=(7, 3.6))
     ax = fig.subplots()
     ax.plot(table.block, table[metric], "-", color="0.7", lw=1)
     kinds = table["kind"] if "kind" in table else pd.Series(["block"] * len(table))
     for kind, t in table.groupby(kinds.to_numpy(), sort=False):
         color, marker, name = KIND_STYLE.get(kind, ("C2", "o", str(kind)))
-        ax.plot(t.block, t[metric], marker, ms=5, color=color, label=f"{name} deleted")
+        ax.plot(t.block, t[metric], marker, ms=5, color=color, label=f"{name} {verb}")
     ax.axhline(table.baseline.iloc[0], color="k", ls="--", lw=1, label="unlesioned")
-    ax.set_xlabel("deleted sub-layer (block index; layer = block // 2)")
+    ax.set_xlabel(f"{verb} sub-layer (block index; layer = block // 2)")
     _axis(ax, table[metric], metric)
-    ax.set_title(f"Deleting one sub-layer ({_label(table)})", fontsize=9)
+    ax.set_title(f"{title} ({_label(table)})", fontsize=9)
     ax.legend(fontsize=7)
     return fig
 

@@ -12,8 +12,10 @@ softmax is averaged; then `test/error_m<m>` is the error of the first m members'
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import lightning as L
 import torch
@@ -23,6 +25,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from src import bn, seeds
 from src.errors import ConfigError
 from src.models.network import Network, Plan
+from src.schema import NON_NEGATIVE, POSITIVE, Range
 from src.training import RequeueBetweenSteps, Standard, TrainingMode
 
 
@@ -46,7 +49,8 @@ class StepSchedule:
         return self.gamma ** sum(step >= m for m in self.milestones)
 
 
-OPTIMIZERS = ("sgd", "adamw")
+Optimizer = Literal["sgd", "adamw"]
+OPTIMIZERS = typing.get_args(Optimizer)
 
 
 def check_optimizer(name: str) -> None:
@@ -61,16 +65,16 @@ class Recipe:
     on norms, biases and the like); warm-up, then lr x gamma at each milestone. The defaults are
     the paper's CIFAR recipe (module docstring)."""
 
-    optimizer: str = "sgd"
-    lr: float = 0.1
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
+    optimizer: Optimizer = "sgd"
+    lr: Annotated[float, POSITIVE] = 0.1
+    weight_decay: Annotated[float, NON_NEGATIVE] = 1e-4
+    momentum: Annotated[float, NON_NEGATIVE] = 0.9
     nesterov: bool = False
-    betas: Sequence[float] = (0.9, 0.999)
-    milestones: Sequence[int] = (32000, 48000)
-    gamma: float = 0.1
-    warmup_steps: int = 400
-    warmup_lr: float = 0.01
+    betas: Sequence[Annotated[float, Range(0, 1, open_high=True)]] = (0.9, 0.999)
+    milestones: Sequence[Annotated[int, NON_NEGATIVE]] = (32000, 48000)
+    gamma: Annotated[float, POSITIVE] = 0.1
+    warmup_steps: Annotated[int, NON_NEGATIVE] = 400
+    warmup_lr: Annotated[float, NON_NEGATIVE] = 0.01
 
     def __post_init__(self):
         if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0:

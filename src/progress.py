@@ -15,10 +15,12 @@ from __future__ import annotations
 import logging
 import sys
 from time import monotonic
-from typing import Any
+from typing import Annotated, Any
 
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from src.schema import POSITIVE
 
 log = logging.getLogger("src.progress")
 
@@ -146,6 +148,6 @@ class LogProgressBar(ProgressBar):
             log.info(f"{what} at step {trainer.global_step}: {shown}")
 
 
-def progress_bar(interval: float = 30.0) -> ProgressBar:
+def progress_bar(interval: Annotated[float, POSITIVE] = 30.0) -> ProgressBar:
     """Lightning's progress bar for this run: rich on a terminal, log lines otherwise."""
     return RichProgressBar() if is_terminal() else LogProgressBar(interval)

@@ -11,9 +11,9 @@ analysis table (`src.results.load`). Runs that differ only in `seed` are replica
 override that varies between runs (`model=`, `training=`, ...) makes a group, drawn as a curve of
 its own. Each point is the mean over seeds (trials within a run averaged first) with a t-based 95%
 confidence interval. Writes into `<out>` (default `<dir>/report/`): `report.md` (the paper's
-claim beside our measured value and its spread), one figure per analysis (`delete_single.png`,
-`delete_many.png`, `reorder.png`, `gradient_paths.png`), `tables.parquet` (every table, one
-DataFrame), and for a sweep of block-subset vs full training (paper Sec. 5)
+claim beside our measured value and its spread), one figure per study of the registry
+(src/studies.py: `delete_single.png`, ..., `gradient_paths.png`), `tables.parquet` (every table,
+one DataFrame), and for a sweep of block-subset vs full training (paper Sec. 5)
 `effective_paths.{md,json,png}` with Welch's, the paired t- and Wilcoxon's tests (one set per
 data set, `effective_paths_<data>.*`, when the folder holds several), and the claims
 table (`claims.csv`, and in report.md): each of the paper's claims beside what the folder measured,
@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import io
-import math
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -36,6 +34,8 @@ from src import figures, results, stats
 from src.claims import markdown as markdown_claims
 from src.claims import table as claims_table
 from src.errors import ConfigError
+from src.stats import fmt
+from src.studies import registry
 
 REPLICATE_KEYS = {"seed"}
 # Overrides that say where a run read or wrote, not what it measured (a checkpoint analysed with
@@ -57,53 +57,6 @@ def _short_paths(values: list[str]) -> dict[str, str]:
             n += 1
         short[v] = "/".join(p[-n:]) if n == len(p) else ".../" + "/".join(p[-n:])
     return short
-
-
-@dataclass(frozen=True)
-class Study:
-    """One analysis table: its figure, the paper's claim about it, and our headline number."""
-
-    name: str
-    title: str
-    claim: str
-    figure: object
-
-
-STUDIES = (
-    Study(
-        "delete_single",
-        "Fig. 3: deleting single blocks",
-        "Deleting any single block other than a downsampling one leaves the test error close to "
-        "the unlesioned network's (VGG, by contrast, drops to chance).",
-        figures.delete_single,
-    ),
-    Study(
-        "delete_many",
-        "Fig. 5a: deleting k blocks",
-        "Error grows smoothly with the number of deleted blocks: no single block is critical.",
-        figures.delete_many,
-    ),
-    Study(
-        "reorder",
-        "Fig. 5b: reordering blocks",
-        "Error grows smoothly as more blocks are swapped (Kendall tau falls).",
-        figures.reorder,
-    ),
-    Study(
-        "duplicate",
-        "Beyond the paper: duplicating single blocks",
-        "(Not in the paper.) The unraveled view predicts mild damage: a block run twice adds "
-        "paths through a second copy of one residual function.",
-        figures.duplicate,
-    ),
-    Study(
-        "gradient_paths",
-        "Fig. 6b: gradient magnitude per path length",
-        "The gradient reaching the input through one path falls exponentially with the path's "
-        "length; the effective paths of ResNet-110 are 5-17 blocks long.",
-        figures.gradient_curves,
-    ),
-)
 
 
 def _one_name(runs: pd.DataFrame) -> str:
@@ -135,49 +88,6 @@ def groups(runs: pd.DataFrame) -> pd.Series:
             f"{k}={short.get(k, {}).get(str(o[k]), o[k]) if k in o else '-'}" for k in swept
         )
     )
-
-
-def fmt(mean: float, half: float, pct: bool = True) -> str:
-    scale, unit = (100, "%") if pct else (1, "")
-    if math.isnan(half):
-        return f"{mean * scale:.2f}{unit}"
-    return f"{mean * scale:.2f}{unit} ± {half * scale:.2f}{' pp' if pct else ''}"
-
-
-def headline(study: str, t: pd.DataFrame) -> str:
-    """The headline number of one study for one group, as mean ± 95% CI over its runs."""
-    per_run = t.groupby("run_dir")
-    if study == "duplicate":
-        rises = per_run.apply(lambda r: float(r.error.median() - r.baseline.iloc[0]))
-        return f"median error rise over baseline: {fmt(*stats.mean_ci(rises.tolist()))}"
-    if study == "delete_single":
-        rises = per_run.apply(
-            lambda r: stats.delete_single_headline(r, r.baseline.iloc[0])[
-                "mean_increase_nondownsampling"
-            ]
-        )
-        return (
-            "mean error rise over baseline (non-downsampling blocks): "
-            f"{fmt(*stats.mean_ci(rises.tolist()))}"
-        )
-    if study in ("delete_many", "reorder"):
-        x = "k" if study == "delete_many" else "swaps"
-        last = t[x].max()
-        at_last = per_run.apply(lambda r: r.loc[r[x] == last, "error"].mean())
-        steps = per_run.apply(lambda r: stats.largest_step(r, x))
-        return (
-            f"error at {x}={last:g}: {fmt(*stats.mean_ci(at_last.tolist()))}; largest step "
-            f"between neighbouring {x}: {fmt(*stats.mean_ci(steps.tolist()))}"
-        )
-    if study == "gradient_paths":
-        fits = per_run.apply(lambda r: stats.fit_decay(r.length, r.grad_norm_mean)["decay_rate"])
-        fits = fits.dropna()
-        if fits.empty:
-            return "too few path lengths to fit"
-        m, h = stats.mean_ci(fits.tolist())
-        spread = f"log-slope {m:.3f}" + ("" if math.isnan(h) else f" ± {h:.3f}")
-        return f"gradient norm changes by a factor {math.exp(m):.3f} per block ({spread})"
-    return ""
 
 
 def effective_paths(runs: pd.DataFrame, out: Path, alpha: float) -> list[str]:
@@ -306,15 +216,17 @@ def report(path: str | Path, out: str | Path | None = None, alpha: float = 0.05)
                 f"| {group} | {len(e)} | {fmt(*stats.mean_ci(e))} | {min(e) * 100:.2f}% "
                 f"| {max(e) * 100:.2f}% |"
             )
-    for s in STUDIES:
+    for s in registry().values():
         t = tables[tables.study == s.name].dropna(axis=1, how="all")
         if t.empty:
             continue
-        png = results.save_figure(s.figure(t), out / f"{s.name}.png")
+        metrics = t.metric.dropna().unique() if "metric" in t else []
+        figure = s.figure(metrics[0] if len(metrics) == 1 else "error")
+        png = results.save_figure(figure(t), out / f"{s.name}.png")
         lines += ["", f"## {s.title}", "", f"**Paper:** {s.claim}", "", f"![{s.name}]({png.name})"]
         lines += ["", "| group | seeds | measured |", "|---|---|---|"]
         for group, g in t.groupby("label", sort=True):
-            lines.append(f"| {group} | {g.run_dir.nunique()} | {headline(s.name, g)} |")
+            lines.append(f"| {group} | {g.run_dir.nunique()} | {s.headline(g)} |")
     if not runs.empty:
         lines += effective_paths(runs, out, alpha)
     claims = claims_table(runs, tables)

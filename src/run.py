@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -20,6 +21,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from src import schema
 from src.cluster import (
     ddp_ranks_join_this_job,
     leave_ddp,
@@ -74,6 +76,18 @@ def build(cfg: DictConfig, list_key: str) -> list:
     ]
 
 
+def reported(err: InstantiationException) -> BaseException:
+    """The error a constructor or builder raised for a bad value (a ValueError or TypeError, or
+    one of USER_ERRORS), reported in one line naming its config node; anything else as it was."""
+    cause = err.__cause__
+    if isinstance(cause, USER_ERRORS):
+        return cause
+    if isinstance(cause, (ValueError, TypeError)):
+        key = re.search(r"full_key: (\S+)", str(err))
+        return ConfigError(f"{key.group(1) if key else 'config'}: {cause}")
+    return err
+
+
 def run_facts(cfg: DictConfig, choices: dict, net, mode, seed) -> dict:
     """What was run, for metrics.json: a results folder reads without its `.hydra/`. `seed`: the
     seed the network was trained with (a checkpoint's own, when one is analysed), so that runs
@@ -92,10 +106,14 @@ def run_facts(cfg: DictConfig, choices: dict, net, mode, seed) -> dict:
 
 def train(cfg: DictConfig) -> dict:
     output_dir = Path(cfg.paths.output_dir)
+    schema.check(cfg)  # every key against its declaration, before any work
     if cfg.get("task") is not None:  # an analysis that needs no trained network (Figs 6a, 7)
         instantiate(cfg.task, _convert_="all", output_dir=str(output_dir))
         return {}
     validate(cfg)
+    warning = schema.schedule_warning(cfg)
+    if warning:
+        log.warning(warning)
     refuse_to_overwrite(output_dir, resuming=bool(cfg.resume) or requeued())
     # Lightning and the checkpoint code load only now: a config error above exits within a
     # second or two, not after importing the whole training stack
@@ -191,9 +209,10 @@ def main(cfg: DictConfig) -> float | None:
         try:
             return train(cfg).get("test_error")
         except InstantiationException as err:  # a bad value caught by a constructor
-            if isinstance(err.__cause__, USER_ERRORS):
-                raise err.__cause__ from None
-            raise
+            problem = reported(err)
+            if problem is err:
+                raise
+            raise problem from None
     except USER_ERRORS as err:
         exit_with(err)
     except BaseException:  # Lightning ends a fit on SIGTERM with SIGTERMException(SystemExit)

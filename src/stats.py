@@ -24,6 +24,14 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]
     return mean, float(stats.t.ppf(0.5 + level / 2, len(v) - 1) * stats.sem(v))
 
 
+def fmt(mean: float, half: float, pct: bool = True) -> str:
+    """`mean ± half` (a `mean_ci`), as percentages with the half-width in points by default."""
+    scale, unit = (100, "%") if pct else (1, "")
+    if math.isnan(half):
+        return f"{mean * scale:.2f}{unit}"
+    return f"{mean * scale:.2f}{unit} ± {half * scale:.2f}{' pp' if pct else ''}"
+
+
 def curve(table: pd.DataFrame, x: str, y: str, by: Sequence[str] = ()) -> pd.DataFrame:
     """Mean curve of `y` over `x` per group `by`: repeated rows of one run (trials) are averaged
     first, then runs (seeds) are combined into mean, 95% CI half-width and their number `n`."""

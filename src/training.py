@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from typing import Annotated, Literal
 
 import lightning as L
 import torch
@@ -39,6 +40,7 @@ import torch
 from src import seeds
 from src.errors import ConfigError
 from src.models.network import Network, Plan
+from src.schema import POSITIVE, UNIT
 
 
 class TrainingMode:
@@ -79,7 +81,7 @@ class Standard(TrainingMode):
 
 
 class StochasticDepth(TrainingMode):
-    def __init__(self, final_survival: float = 0.5):
+    def __init__(self, final_survival: Annotated[float, UNIT] = 0.5):
         if not 0 < final_survival <= 1:
             raise ConfigError(f"training.final_survival must lie in (0, 1], got {final_survival}")
         self.final_survival = final_survival
@@ -113,10 +115,10 @@ class BlockSubset(TrainingMode):
 
     def __init__(
         self,
-        k: int = 23,
-        test_mode: str = "full",
-        bn_batches: int = 50,
-        ensemble_size: int = 16,
+        k: Annotated[int, POSITIVE] = 23,
+        test_mode: Literal["full", "rescale", "recalibrate", "ensemble"] = "full",
+        bn_batches: Annotated[int, POSITIVE] = 50,
+        ensemble_size: Annotated[int, POSITIVE] = 16,
     ):
         if test_mode not in self.TEST_MODES:
             raise ConfigError(

@@ -661,6 +661,15 @@ def test_the_readme_lists_the_registered_families():
     assert documented == families_table()
 
 
+def test_the_docs_name_every_registered_study():
+    """Every study of the registry (src/studies.py) is documented: in the README or, for one
+    beyond it, in CONTRIBUTING.md (the worked example)."""
+    from src.studies import registry
+
+    docs = "".join(p.read_text() for p in (*DOCS, REPO / "CONTRIBUTING.md"))
+    assert [name for name in registry() if f"`{name}`" not in docs] == []
+
+
 def test_every_documented_command_has_a_rule():
     commands = documented_commands()
     assert len(commands) >= 25 and any(c.startswith(INSTALL) for c in commands)

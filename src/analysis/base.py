@@ -1,6 +1,11 @@
 """What every post-training analysis callback shares: when it runs, where it writes, and the
 run's metadata that goes into its table (src/results.py). The measuring itself is an engine's
-(src/engines/); a callback builds plans, calls the engine, and records the table."""
+(src/engines/); a callback builds plans, calls the engine, and records the table.
+
+`LesionStudy` is the skeleton of every lesion study: a study supplies its plans (with each
+plan's row fields) and its summary; the skeleton evaluates them, names the value column after
+the metric, adds the baseline and bn mode, and records table, summary and figure (the study's
+entry in src/studies.py). CONTRIBUTING.md walks through adding one."""
 
 from __future__ import annotations
 
@@ -13,10 +18,11 @@ import pandas as pd
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from src import figures, results
+from src import results
 from src.engines.lesion import check_metric, parse_memory
 from src.errors import ConfigError
-from src.models.network import Network, Plan
+from src.models.network import FULL, Network, Plan
+from src.studies import registry
 
 
 def run_meta(trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
@@ -95,6 +101,11 @@ class AnalysisCallback(Callback):
 
 class LesionStudy(AnalysisCallback):
     """Base of the lesion callbacks: evaluates plans on the trained network's test split.
+
+    A study fills in `lesions` (its plans, each with its row fields) and `summarise` (its
+    headline numbers); `analyse` does the rest. Its table: the row fields, the value column named
+    after the metric (`error`, or `loss` and `perplexity`), `baseline` (and
+    `baseline_perplexity`), `bn`.
 
     reuse:      True: the exact reusing engine; False: a fresh forward per lesion (reference).
     device:     where the sweep runs (None: where the network is after testing).
@@ -183,15 +194,32 @@ class LesionStudy(AnalysisCallback):
             out["baseline_perplexity"] = math.exp(baseline)
         return out
 
-    @staticmethod
-    def figure(study: str, metric: str) -> Callable:
-        """The study's figure: the paper's (src/figures.py) for error, src/lm_figures.py's for a
-        loss (unbounded, per sub-layer kind)."""
-        if metric == "error":
-            return getattr(figures, study)
-        from src import lm_figures
+    def lesions(self, net: Network, base: Plan) -> list[tuple[dict, Plan]]:
+        """The study's lesions of `net` on the trained network's eval plan `base`: (the row's
+        own fields, the plan) per lesion, in table order."""
+        raise NotImplementedError
 
-        return getattr(lm_figures, study)
+    def summarise(self, rows: pd.DataFrame, metric: str, baseline: float) -> dict:
+        """The study's headline numbers of its rows (value column `metric`) for summary.json;
+        the baselines, label and bn mode are added by `analyse`."""
+        return {}
+
+    def analyse(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        base = FULL if pl_module.eval_plan is None else pl_module.eval_plan
+        lesions = self.lesions(pl_module.net, base)  # checked in `setup`, before training
+        metric = self.measure(pl_module)
+        baseline, values = self.evaluate(trainer, pl_module, [plan for _, plan in lesions])
+        rows = pd.DataFrame([{**row, metric: v} for (row, _), v in zip(lesions, values)])
+        rows = self.values(rows, metric, baseline)
+        summary = {
+            **self.summarise(rows, metric, baseline),
+            **self.baselines(metric, baseline),
+            "label": self.run_label(pl_module),
+            "bn": self.bn,
+        }
+        study = registry().get(self.name)
+        figure = study.figure(metric) if study is not None else None
+        self.record(trainer, pl_module, rows, summary, figure, metric=metric)
 
     def check(self, net: Network) -> None:
         """Raise ConfigError when the study cannot apply to `net`."""

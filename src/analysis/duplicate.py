@@ -7,20 +7,21 @@ twice in a row: `Plan(order=(..., i, i, ...))`, the same network with nothing co
 unraveled view predicts mild damage: a repeated block only adds paths through a second copy of one
 residual function, as deleting it only removes paths. Writes the table
 `analysis/duplicate.{parquet,csv}` (the run's metadata columns, then
-block,stage,downsampling,error,baseline,bn), the `duplicate` entry of `summary.json` and
-`duplicate.png`.
+block,stage,downsampling,error,baseline,bn; a transformer's sub-layers add layer,kind; a
+language model's value column is `loss`, with perplexity), the `duplicate` entry of
+`summary.json` and `duplicate.png`.
 """
 
 from __future__ import annotations
 
-import lightning as L
 import pandas as pd
 
-from src import figures
+from src import figures, lm_figures, stats
 from src.analysis.base import LesionStudy
 from src.engines.lesion import lesion_plan
 from src.errors import ConfigError
-from src.models.network import Network
+from src.models.network import Network, Plan
+from src.studies import Study
 
 
 def duplicated_order(sequence, block: int) -> tuple[int, ...]:
@@ -52,22 +53,32 @@ class Duplicate(LesionStudy):
                 f"block) or is not a block of this network: pick from {sorted(ok)}"
             )
 
-    def analyse(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        net = pl_module.net  # checked in `setup`, before training
-        base = pl_module.eval_plan
-        sequence = base.sequence(net.n_blocks) if base is not None else range(net.n_blocks)
-        blocks = self.blocks if self.blocks is not None else self.eligible(net)
-        plans = [lesion_plan(base, order=duplicated_order(sequence, i)) for i in blocks]
-        baseline, errors = self.evaluate(trainer, pl_module, plans)
+    def lesions(self, net: Network, base: Plan) -> list[tuple[dict, Plan]]:
+        sequence = base.sequence(net.n_blocks)
         info = net.block_info()
-        rows = pd.DataFrame([{**info[i], "error": e} for i, e in zip(blocks, errors)])
-        rows = self.values(rows, "error", baseline)  # baseline and bn, as every lesion study
-        summary = {
-            **self.baselines("error", baseline),
-            "median_increase": float(rows.error.median() - baseline),
-            "max_increase": float(rows.error.max() - baseline),
-            "worst_block": int(rows.block[rows.error.idxmax()]),
-            "label": self.run_label(pl_module),
-            "bn": self.bn,
+        blocks = self.blocks if self.blocks is not None else self.eligible(net)
+        return [(info[i], lesion_plan(base, order=duplicated_order(sequence, i))) for i in blocks]
+
+    def summarise(self, rows: pd.DataFrame, metric: str, baseline: float) -> dict:
+        return {
+            "median_increase": float(rows[metric].median() - baseline),
+            "max_increase": float(rows[metric].max() - baseline),
+            "worst_block": int(rows.block[rows[metric].idxmax()]),
         }
-        self.record(trainer, pl_module, rows, summary, figures.duplicate)
+
+
+def headline(t: pd.DataFrame) -> str:
+    rises = t.groupby("run_dir").apply(lambda r: float(r.error.median() - r.baseline.iloc[0]))
+    return f"median error rise over baseline: {stats.fmt(*stats.mean_ci(rises.tolist()))}"
+
+
+STUDY = Study(
+    name="duplicate",
+    config="lesion/duplicate",
+    columns=("block", "stage", "downsampling"),
+    figures={"error": figures.duplicate, "loss": lm_figures.duplicate},
+    headline=headline,
+    title="Beyond the paper: duplicating single blocks",
+    claim="(Not in the paper.) The unraveled view predicts mild damage: a block run twice adds "
+    "paths through a second copy of one residual function.",
+)

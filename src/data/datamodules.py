@@ -9,7 +9,9 @@ resumed from any of its checkpoints sees the same batches as the uninterrupted r
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Annotated, Literal
 
 import lightning as L
 import torch
@@ -19,6 +21,7 @@ from src import seeds
 from src.data.augment import Normalizer, random_crop_flip
 from src.data.sampler import EpochSampler, ResumableLoader
 from src.errors import ConfigError, DataUnavailable  # noqa: F401  (re-exported)
+from src.schema import FRACTION, NON_NEGATIVE, POSITIVE, Range
 
 
 def _unrepeated_sampler(dataset) -> DistributedSampler | None:
@@ -86,15 +89,17 @@ class TensorDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
+        batch_size: Annotated[int, POSITIVE] = 128,
+        eval_batch_size: Annotated[int, POSITIVE] | None = None,
+        num_workers: Annotated[int, NON_NEGATIVE] = 0,
         augment: bool = False,
-        padding: int = 4,
+        padding: Annotated[int, NON_NEGATIVE] = 4,
     ):
         super().__init__()
-        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
+        if batch_size < 1:
             raise ConfigError(f"data.batch_size must be positive, got {batch_size}")
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise ConfigError(f"data.eval_batch_size must be positive, got {eval_batch_size}")
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -191,7 +196,11 @@ class DigitsDataModule(TensorDataModule):
     mean, std = (0.3,), (0.38,)
 
     def __init__(
-        self, test_fraction: float = 0.2, val_fraction: float = 0.1, split_seed: int = 0, **kwargs
+        self,
+        test_fraction: Annotated[float, FRACTION] = 0.2,
+        val_fraction: Annotated[float, Range(0, 1, open_high=True)] = 0.1,
+        split_seed: Annotated[int, NON_NEGATIVE] = 0,
+        **kwargs,
     ):
         super().__init__(**kwargs)
         if not 0 < test_fraction < 1 or not 0 <= val_fraction < 1:
@@ -230,11 +239,11 @@ class SyntheticDataModule(TensorDataModule):
 
     def __init__(
         self,
-        shape: tuple[int, int, int] = (3, 32, 32),
-        num_classes: int = 10,
-        n_train: int = 512,
-        n_test: int = 256,
-        seed: int = 0,
+        shape: Sequence[Annotated[int, POSITIVE]] = (3, 32, 32),
+        num_classes: Annotated[int, POSITIVE] = 10,
+        n_train: Annotated[int, POSITIVE] = 512,
+        n_test: Annotated[int, POSITIVE] = 256,
+        seed: Annotated[int, NON_NEGATIVE] = 0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -284,10 +293,10 @@ class CIFARDataModule(TensorDataModule):
 
     def __init__(
         self,
-        num_classes: int = 10,
+        num_classes: Literal[10, 100] = 10,
         data_dir: str = "data",
         download: bool = True,
-        val_size: int = 0,
+        val_size: Annotated[int, NON_NEGATIVE] = 0,
         augment: bool = True,
         **kwargs,
     ):
@@ -341,10 +350,10 @@ class ImageNetDataModule(L.LightningDataModule):
     def __init__(
         self,
         data_dir: str = "",
-        batch_size: int = 256,
-        eval_batch_size: int | None = None,
-        num_workers: int = 8,
-        image_size: int = 224,
+        batch_size: Annotated[int, POSITIVE] = 256,
+        eval_batch_size: Annotated[int, POSITIVE] | None = None,
+        num_workers: Annotated[int, NON_NEGATIVE] = 8,
+        image_size: Annotated[int, POSITIVE] = 224,
     ):
         super().__init__()
         self.data_dir = Path(data_dir).expanduser() if data_dir else None

@@ -14,11 +14,13 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Annotated
 
 from torch.utils.data import TensorDataset
 
 from src.data.datamodules import DataUnavailable, TensorDataModule, held_out_splits
 from src.errors import ConfigError
+from src.schema import Range
 
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"  # `apt-get install dataset-fashion-mnist`
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
@@ -43,9 +45,9 @@ class FashionMNISTDataModule(TensorDataModule):
         self,
         data_dir: str = DEBIAN_DIR,
         cache_dir: str = "data",
-        val_size: int = 5000,
+        val_size: Annotated[int, Range(0, 60000, open_high=True)] = 5000,
         augment: bool = True,
-        test_size: int | None = None,
+        test_size: Annotated[int, Range(1, 10000)] | None = None,
         **kwargs,
     ):
         super().__init__(augment=augment, **kwargs)

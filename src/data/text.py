@@ -15,12 +15,14 @@ window gives x = its first seq_len tokens and y = its last seq_len (x shifted by
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import torch
 from torch.utils.data import TensorDataset
 
 from src.data.datamodules import DataUnavailable, TensorDataModule
 from src.errors import ConfigError
+from src.schema import FRACTION, POSITIVE
 
 BYTES = 256
 
@@ -80,10 +82,10 @@ class TextDataModule(TensorDataModule):
     def __init__(
         self,
         text_file: str | None = None,
-        seq_len: int = 128,
-        val_fraction: float = 0.05,
-        test_fraction: float = 0.05,
-        test_size: int | None = None,
+        seq_len: Annotated[int, POSITIVE] = 128,
+        val_fraction: Annotated[float, FRACTION] = 0.05,
+        test_fraction: Annotated[float, FRACTION] = 0.05,
+        test_size: Annotated[int, POSITIVE] | None = None,
         tokenizer: str | None = None,
         **kwargs,
     ):

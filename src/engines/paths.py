@@ -36,6 +36,7 @@ from src.errors import ConfigError
 from src.models.network import FULL, Block, Network, Plan
 
 WRT = ("input", "stem")
+GRADIENT_KINDS = ("lesion", "scale", "block_scale")  # the Plan.FIELDS kinds measured here
 BN_MODES = ("eval", "train")
 
 
@@ -54,11 +55,13 @@ def gradient_plan(base: Plan | None, **gate) -> Plan:
     """`base` (the trained network's eval plan, or the full network) with a backward-only gate
     (`grad_path=...` or `grad_scale=...`) on top."""
     base = FULL if base is None else base
-    training_only = (base.drop_prob, base.branch_scale, base.grad_path, base.grad_scale)
-    if any(v is not None for v in training_only):
+    # what BlockVJPs runs: the lesion fields and the branch scales of `Network.scaled`
+    refused = base.changed(*(k for k in base.KINDS if k not in GRADIENT_KINDS))
+    if refused:
+        handled = "/".join(base.of_kind(*GRADIENT_KINDS))
         raise ConfigError(
-            "gradient paths measure a fixed eval plan (order, deleted, residual_scale), not one "
-            "with drop_prob/branch_scale/grad_path/grad_scale: pass the network's test-time plan"
+            f"gradient paths measure a fixed eval plan ({handled}), not one with "
+            f"{'/'.join(refused)}: pass the network's test-time plan"
         )
     if base.order is not None and len(set(base.order)) < len(base.order):
         raise ConfigError(
@@ -122,11 +125,12 @@ class BlockVJPs:
     The pass runs the plan's steps (`Network.steps`: one block each, or the branches of a
     parallel-residual layer on one input). For step t, `inputs[t]` is its input leaf;
     `enter[t]` maps each block whose residual branch runs there to that branch as a function of
-    `inputs[t]` (merge(shortcut.detach(), residual) of a single block, with the plan's residual
-    scale; a parallel layer's branch alone); `bypass[t]` is merge(shortcut, residual.detach()),
-    or None for an identity shortcut with an additive merge (its VJP is the identity; always so
-    in a parallel layer); a block the plan deletes has no entry in `enter[t]` (only its skip
-    runs). `g_top` is d loss / d (trunk output), shared by every path.
+    `inputs[t]` (merge(shortcut.detach(), residual) of a single block; a parallel layer's branch
+    alone; residuals scaled by `Network.scaled`, as the network runs them); `bypass[t]` is
+    merge(shortcut, residual.detach()), or None for an identity shortcut with an additive merge
+    (its VJP is the identity; always so in a parallel layer); a block the plan deletes has no
+    entry in `enter[t]` (only its skip runs). `g_top` is d loss / d (trunk output), shared by
+    every path.
     """
 
     def __init__(
@@ -168,9 +172,7 @@ class BlockVJPs:
                     self.enter.append({})
                     self.bypass.append(None if out is h else out)
                 else:
-                    s, r = block.shortcut(h), block.residual(h)
-                    if plan.residual_scale != 1.0:
-                        r = r * plan.residual_scale
+                    s, r = block.shortcut(h), net.scaled(i, block.residual(h), plan)
                     self.enter.append({i: block.merge(s.detach(), r)})
                     identity = s is h and type(block).merge is Block.merge
                     self.bypass.append(None if identity else block.merge(s, r.detach()))

@@ -23,6 +23,7 @@ import functools
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -75,7 +76,41 @@ class Plan:
     grad_path:    backward only: gradient flows through the residual branch of these blocks and
                   through the shortcut of all others (one path of the unraveled view).
     grad_scale:   backward only: residual-branch gradients are multiplied by this scalar.
+
+    `FIELDS` says how the engines treat each field, so that a new field is handled or refused,
+    never ignored (a field without an entry is a TypeError):
+
+    - "lesion": which blocks run, in which order, with or without their residual branch: the
+      lesion engine reuses the cached prefix before the first position where two plans differ;
+    - "block_scale": a per-block multiplier of the residual branch (None: 1.0 everywhere),
+      applied by `Network.scaled`: reused likewise up to the first block whose value differs;
+      the gradient engines apply it through `Network.scaled`;
+    - "scale": a multiplier of every residual branch that runs, applied by `Network.scaled`: no
+      prefix reuse; the gradient engines apply it through `Network.scaled`;
+    - "forward": any other change of the forward pass: no prefix reuse; the gradient engines,
+      which run the branches themselves, refuse it;
+    - "training": used in training mode only: no reuse; refused by the gradient engines;
+    - "gate": backward only, set by the gradient engines themselves: no reuse; refused in the
+      plan they are given.
     """
+
+    FIELDS: ClassVar[dict[str, str]] = {
+        "order": "lesion",
+        "deleted": "lesion",
+        "residual_scale": "scale",
+        "branch_scale": "block_scale",
+        "drop_prob": "training",
+        "grad_path": "gate",
+        "grad_scale": "gate",
+    }
+    KINDS: ClassVar[tuple[str, ...]] = (
+        "lesion",
+        "block_scale",
+        "scale",
+        "forward",
+        "training",
+        "gate",
+    )
 
     order: tuple[int, ...] | None = None
     deleted: frozenset[int] = frozenset()
@@ -85,19 +120,36 @@ class Plan:
     grad_path: frozenset[int] | None = None
     grad_scale: float | None = None
 
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if self.FIELDS.get(f.name) not in self.KINDS:
+                raise TypeError(
+                    f"Plan field {f.name!r} has no kind in Plan.FIELDS (one of {self.KINDS}): "
+                    "declare how the lesion and gradient engines treat it"
+                )
+
+    @classmethod
+    def of_kind(cls, *kinds: str) -> tuple[str, ...]:
+        """The fields of these kinds, in declaration order."""
+        return tuple(f.name for f in dataclasses.fields(cls) if cls.FIELDS[f.name] in kinds)
+
+    def changed(self, *kinds: str) -> tuple[str, ...]:
+        """The fields of these kinds that differ from their defaults."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return tuple(f for f in self.of_kind(*kinds) if getattr(self, f) != defaults[f])
+
+    def block_scale(self, field: str, i: int) -> float:
+        """Block i's value of a "block_scale" field (1.0 where the field is None)."""
+        values = getattr(self, field)
+        return 1.0 if values is None else values[i]
+
     def sequence(self, n_blocks: int) -> tuple[int, ...]:
         return tuple(range(n_blocks)) if self.order is None else self.order
 
-    @property
+    @functools.cached_property
     def plain(self) -> bool:
-        """True when every running block can use its fused `forward`."""
-        return (
-            self.residual_scale == 1.0
-            and self.branch_scale is None
-            and self.drop_prob is None
-            and self.grad_path is None
-            and self.grad_scale is None
-        )
+        """True when every running block can use its fused `forward`: nothing but lesions."""
+        return not self.changed(*(k for k in self.KINDS if k != "lesion"))
 
     def validate(self, n_blocks: int) -> None:
         bad = [i for i in (*self.sequence(n_blocks), *self.deleted) if not 0 <= i < n_blocks]
@@ -209,15 +261,20 @@ class Network(nn.Module):
         """First position at which `plan`'s computation can differ from `base`'s, at a step
         boundary of both (so the cached input of `base` there is `plan`'s input too); None:
         `plan` computes what `base` does."""
-        fixed = ("order", "deleted")
-        if dataclasses.replace(plan, **dict.fromkeys(fixed)) != dataclasses.replace(
-            base, **dict.fromkeys(fixed)
+        per_position = plan.of_kind("lesion", "block_scale")  # the rest is global (Plan.FIELDS)
+        if dataclasses.replace(plan, **dict.fromkeys(per_position)) != dataclasses.replace(
+            base, **dict.fromkeys(per_position)
         ):
             return 0  # a global change (scale, drop, gradient gates): nothing can be reused
+        scales = plan.of_kind("block_scale")
         seq_b, seq_p = base.sequence(self.n_blocks), plan.sequence(self.n_blocks)
         first = None
         for pos, (i, j) in enumerate(zip(seq_b, seq_p)):
-            if i != j or (i in base.deleted) != (i in plan.deleted):
+            if (
+                i != j
+                or (i in base.deleted) != (i in plan.deleted)
+                or any(base.block_scale(f, i) != plan.block_scale(f, i) for f in scales)
+            ):
                 first = pos
                 break
         if first is None:
@@ -249,10 +306,10 @@ class Network(nn.Module):
         and backward-only scale applied (the gradient-path gate is the caller's)."""
         if plan.drop_prob is not None:
             r = stochastic_depth(r, plan.drop_prob[i], "batch", self.training)
-        if plan.residual_scale != 1.0:
-            r = r * plan.residual_scale
-        if plan.branch_scale is not None and plan.branch_scale[i] != 1.0:
-            r = r * plan.branch_scale[i]
+        for f in plan.of_kind("scale", "block_scale"):  # residual_scale, then branch_scale
+            scale = getattr(plan, f) if plan.FIELDS[f] == "scale" else plan.block_scale(f, i)
+            if scale != 1.0:
+                r = r * scale
         if plan.grad_scale is not None:
             r = _backward_scale(r, plan.grad_scale)
         return r

@@ -11,10 +11,16 @@ Deleting a block keeps its shortcut (and, for type B, the pre-activation feeding
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Annotated, Literal
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from src.models.network import Block, Network
+from src.schema import POSITIVE
+
+Shortcut = Literal["A", "B"]  # B: 1x1 projection where the shape changes; A: stride + zero-pad
 
 
 def _conv(cin: int, cout: int, k: int, stride: int = 1) -> nn.Conv2d:
@@ -115,11 +121,11 @@ def _check_positive(**sizes) -> None:
 
 
 def preact_resnet_cifar(
-    blocks_per_stage: int = 18,
-    widths: tuple[int, ...] = (16, 32, 64),
+    blocks_per_stage: Annotated[int, POSITIVE] = 18,
+    widths: Sequence[Annotated[int, POSITIVE]] = (16, 32, 64),
     in_channels: int = 3,
     num_classes: int = 10,
-    shortcut: str = "B",
+    shortcut: Shortcut = "B",
 ) -> Network:
     """Pre-act ResNet for 32x32 inputs: 6n+2 layers (n=18: ResNet-110, 54 blocks)."""
     _check_positive(
@@ -136,11 +142,11 @@ def preact_resnet_cifar(
 
 
 def preact_resnet_imagenet(
-    blocks: tuple[int, ...] = (3, 24, 36, 3),
-    width: int = 64,
+    blocks: Sequence[Annotated[int, POSITIVE]] = (3, 24, 36, 3),
+    width: Annotated[int, POSITIVE] = 64,
     in_channels: int = 3,
     num_classes: int = 1000,
-    shortcut: str = "B",
+    shortcut: Shortcut = "B",
 ) -> Network:
     """Pre-act bottleneck ResNet for ImageNet (3/24/36/3: ResNet-200, 66 blocks)."""
     _check_positive(blocks=blocks, width=width, in_channels=in_channels, num_classes=num_classes)

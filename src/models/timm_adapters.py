@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
+from typing import Annotated, Literal
 
 import timm
 import torch
@@ -64,6 +65,7 @@ from torch import Tensor, nn
 from src.errors import ConfigError
 from src.models.adapt import adapt, family_of, register
 from src.models.network import Block, Network
+from src.schema import POSITIVE
 
 GRANULARITIES = ("sublayer", "layer")
 POST_NORM = (ResPostBlock, EvaBlockPostNorm, ResPostRelPosBlock)
@@ -755,9 +757,9 @@ def timm_model(
 
 def timm_vit(
     arch: str = "vit_tiny_patch16_224",
-    img_size: int = 32,
-    patch_size: int = 4,
-    granularity: str = "sublayer",
+    img_size: Annotated[int, POSITIVE] = 32,
+    patch_size: Annotated[int, POSITIVE] = 4,
+    granularity: Literal["sublayer", "layer"] = "sublayer",
     weights: str | None = None,
     in_channels: int = 3,
     num_classes: int = 10,

@@ -6,9 +6,13 @@ max-pool after it; deleting it keeps the pool (the plain counterpart of a downsa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Annotated
+
 from torch import Tensor, nn
 
 from src.models.network import Block, Network
+from src.schema import POSITIVE
 
 
 def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
@@ -40,8 +44,8 @@ class PlainLayer(Block):
 
 
 def vgg15(
-    width: int = 128,
-    stage_layers: tuple[int, ...] = (4, 4, 5),
+    width: Annotated[int, POSITIVE] = 128,
+    stage_layers: Sequence[Annotated[int, POSITIVE]] = (4, 4, 5),
     in_channels: int = 3,
     num_classes: int = 10,
 ) -> Network:

@@ -1,0 +1,51 @@
+"""Every benchmark script still runs after a refactor: each at tiny sizes on the CPU, in a
+subprocess as benchmarks/README.md runs it; the GPU session script parses and calls only scripts
+that exist."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, cli_env
+
+BENCH = REPO / "benchmarks"
+SMOKE = {  # script -> tiny arguments (CPU, one thread)
+    "augment.py": ["--images", "64", "--batch", "16", "--repeats", "1"],
+    "gpu_throughput.py": "--device cpu --steps 2 --warmup 1 --batch 4 --images 16".split()
+    + ["--blocks-per-stage", "1"],
+    "gradient_paths.py": "--batch 1 --samples 1 --straight 2 --device cpu".split(),
+    "lesion_engine.py": "--n-test 2 --batch-size 2 --repeats 1 --device cpu --threads 1".split(),
+    "stochastic_depth.py": "--blocks 1 --batch 2 --steps 2 --repeats 1 --device cpu".split(),
+    "training_step.py": "--blocks 1 --steps 3 --warmup 1 --repeats 1 --batch 4 --threads 1".split(),
+}
+
+
+def test_every_benchmark_script_has_a_smoke_run():
+    assert sorted(SMOKE) == sorted(p.name for p in BENCH.glob("*.py"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(SMOKE))
+def test_benchmark_runs_at_tiny_sizes(script):
+    res = subprocess.run(
+        [sys.executable, str(BENCH / script), *SMOKE[script]],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip(), res.stderr[-2000:]
+
+
+def test_gpu_session_script_parses_and_calls_existing_scripts():
+    script = BENCH / "gpu_session.sh"
+    res = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    called = re.findall(r"\b((?:benchmarks|tests)/[\w/]+\.py)\b", script.read_text())
+    assert called and all((REPO / path).is_file() for path in called), called
