@@ -24,6 +24,13 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]
     return mean, float(stats.t.ppf(0.5 + level / 2, len(v) - 1) * stats.sem(v))
 
 
+def median_rise_headline(t: pd.DataFrame) -> str:
+    """A per-block study's report number: the median error rise over baseline, per run, as
+    mean ± 95% CI over the runs of one group."""
+    rises = t.groupby("run_dir").apply(lambda r: float(r.error.median() - r.baseline.iloc[0]))
+    return f"median error rise over baseline: {fmt(*mean_ci(rises.tolist()))}"
+
+
 def fmt(mean: float, half: float, pct: bool = True) -> str:
     """`mean ± half` (a `mean_ci`), as percentages with the half-width in points by default."""
     scale, unit = (100, "%") if pct else (1, "")

@@ -187,6 +187,25 @@ class LesionStudy(AnalysisCallback):
         return {"_".join(words.get(w, w) for w in k.split("_")): v for k, v in out.items()}
 
     @staticmethod
+    def rises(rows: pd.DataFrame, metric: str, baseline: float) -> dict:
+        """Median and largest rise of the metric over baseline, and the block with the largest:
+        the summary of a study with one row per block."""
+        return {
+            "median_increase": float(rows[metric].median() - baseline),
+            "max_increase": float(rows[metric].max() - baseline),
+            "worst_block": int(rows.block[rows[metric].idxmax()]),
+        }
+
+    def check_blocks(self, net: Network) -> None:
+        """`self.blocks` (None: all) must be block indices of `net`."""
+        bad = [b for b in self.blocks or [] if not 0 <= b < net.n_blocks]
+        if bad:
+            raise ConfigError(
+                f"{self.name}.blocks has index {bad[0]}, but this network has blocks "
+                f"0..{net.n_blocks - 1}: pass indices in that range (or null for all)"
+            )
+
+    @staticmethod
     def baselines(metric: str, baseline: float) -> dict:
         """The summary's unlesioned value(s): baseline_error, or baseline_loss and perplexity."""
         out = {f"baseline_{metric}": baseline}

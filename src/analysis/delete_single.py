@@ -18,7 +18,6 @@ import pandas as pd
 from src import claims, figures, lm_figures, stats
 from src.analysis.base import LesionStudy
 from src.engines.lesion import lesion_plan
-from src.errors import ConfigError
 from src.models.network import Network, Plan
 from src.studies import Study
 
@@ -33,12 +32,7 @@ class DeleteSingle(LesionStudy):
         self.blocks = None if blocks is None else [int(b) for b in blocks]
 
     def check(self, net: Network) -> None:
-        bad = [b for b in self.blocks or [] if not 0 <= b < net.n_blocks]
-        if bad:
-            raise ConfigError(
-                f"delete_single.blocks has index {bad[0]}, but this network has blocks "
-                f"0..{net.n_blocks - 1}: pass indices in that range (or null for all)"
-            )
+        self.check_blocks(net)
 
     def lesions(self, net: Network, base: Plan) -> list[tuple[dict, Plan]]:
         info = net.block_info()

@@ -60,16 +60,7 @@ class Duplicate(LesionStudy):
         return [(info[i], lesion_plan(base, order=duplicated_order(sequence, i))) for i in blocks]
 
     def summarise(self, rows: pd.DataFrame, metric: str, baseline: float) -> dict:
-        return {
-            "median_increase": float(rows[metric].median() - baseline),
-            "max_increase": float(rows[metric].max() - baseline),
-            "worst_block": int(rows.block[rows[metric].idxmax()]),
-        }
-
-
-def headline(t: pd.DataFrame) -> str:
-    rises = t.groupby("run_dir").apply(lambda r: float(r.error.median() - r.baseline.iloc[0]))
-    return f"median error rise over baseline: {stats.fmt(*stats.mean_ci(rises.tolist()))}"
+        return self.rises(rows, metric, baseline)
 
 
 STUDY = Study(
@@ -77,7 +68,7 @@ STUDY = Study(
     config="lesion/duplicate",
     columns=("block", "stage", "downsampling"),
     figures={"error": figures.duplicate, "loss": lm_figures.duplicate},
-    headline=headline,
+    headline=stats.median_rise_headline,
     title="Beyond the paper: duplicating single blocks",
     claim="(Not in the paper.) The unraveled view predicts mild damage: a block run twice adds "
     "paths through a second copy of one residual function.",

@@ -50,12 +50,7 @@ class HalfStrength(LesionStudy):
                 f"half_strength scales residual branches, but this {type(net.blocks[0]).__name__} "
                 "network has plain layers without a shortcut: use a residual network"
             )
-        bad = [b for b in self.blocks or [] if not 0 <= b < net.n_blocks]
-        if bad:
-            raise ConfigError(
-                f"half_strength.blocks has index {bad[0]}, but this network has blocks "
-                f"0..{net.n_blocks - 1}: pass indices in that range (or null for all)"
-            )
+        self.check_blocks(net)
 
     def lesions(self, net: Network, base: Plan) -> list[tuple[dict, Plan]]:
         info = net.block_info()
@@ -65,18 +60,11 @@ class HalfStrength(LesionStudy):
     def summarise(self, rows: pd.DataFrame, metric: str, baseline: float) -> dict:
         return {
             "factor": self.factor,
-            "median_increase": float(rows[metric].median() - baseline),
-            "max_increase": float(rows[metric].max() - baseline),
-            "worst_block": int(rows.block[rows[metric].idxmax()]),
+            **self.rises(rows, metric, baseline),
         }
 
 
 TITLE = "One residual branch at half strength"
-
-
-def headline(t: pd.DataFrame) -> str:
-    rises = t.groupby("run_dir").apply(lambda r: float(r.error.median() - r.baseline.iloc[0]))
-    return f"median error rise over baseline: {stats.fmt(*stats.mean_ci(rises.tolist()))}"
 
 
 STUDY = Study(
@@ -87,7 +75,7 @@ STUDY = Study(
         "error": functools.partial(figures.per_block, verb="halved", title=TITLE),
         "loss": functools.partial(lm_figures.per_block, metric="loss", verb="halved", title=TITLE),
     },
-    headline=headline,
+    headline=stats.median_rise_headline,
     title="Beyond the paper: one residual branch at half strength",
     claim="(Not in the paper.) Weakening one branch removes no path, it only scales the paths "
     "through it: less damage than deleting the block.",
