@@ -15,9 +15,12 @@ from math import comb
 
 import numpy as np
 import pandas as pd
+from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
+from src.results import steps
 from src.stats import curve
+from src.studies import draws_steps
 
 
 def _band(ax, x, mean, half, color, clip: bool = True) -> None:
@@ -43,9 +46,10 @@ def _labelled(table: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+@draws_steps
 def delete_single(table: pd.DataFrame) -> Figure:
     """Test error per deleted block (Figs 3, 4, 8): one line per label, its unlesioned error
-    dashed, downsampling blocks marked."""
+    dashed, downsampling blocks marked; a table of several steps: `damage_heatmap`."""
     return per_block(
         table,
         "deleted",
@@ -53,14 +57,19 @@ def delete_single(table: pd.DataFrame) -> Figure:
     )
 
 
+@draws_steps
 def duplicate(table: pd.DataFrame) -> Figure:
     """Test error per duplicated block (each run twice in place), as Fig. 3 draws deletions."""
     return per_block(table, "duplicated", "Duplicating individual blocks at test time")
 
 
+@draws_steps
 def per_block(table: pd.DataFrame, verb: str, title: str) -> Figure:
     """Test error per lesioned block ("block `verb`"), as Fig. 3 draws deletions: one line per
-    label, its unlesioned error dashed, downsampling blocks marked."""
+    label, its unlesioned error dashed, downsampling blocks marked. A table of several steps
+    (lesions across training) is drawn as `damage_heatmap`."""
+    if len(steps(table)) > 1:
+        return damage_heatmap(table, "error", verb)
     table = _labelled(table)
     fig = Figure(figsize=(7, 3.6))
     ax = fig.subplots()
@@ -90,6 +99,58 @@ def per_block(table: pd.DataFrame, verb: str, title: str) -> Figure:
     ax.set_title(title)
     ax.legend(fontsize=7, loc="center right")
     ax.grid(alpha=0.3)
+    return fig
+
+
+def damage_heatmap(table: pd.DataFrame, metric: str = "error", verb: str = "deleted") -> Figure:
+    """Lesions across training: the rise of `metric` over the unlesioned network when one block
+    is `verb` (colour), block (rows) x optimizer step (columns), one panel per label, the mean
+    over its runs (seeds) at each step; downsampling blocks' indices in blue. An error rise in
+    percentage points, a loss rise in nats, on a diverging scale centred at no change."""
+    table = _labelled(table).dropna(subset=["step"])
+    scale, unit = (100.0, "pp") if metric == "error" else (1.0, "nats")
+    table = table.assign(rise=(table[metric] - table.baseline) * scale)
+    labels = list(dict.fromkeys(table.label))
+    grids = {
+        label: t.groupby(["block", "step"]).rise.mean().unstack("step").sort_index()
+        for label, t in table.groupby("label", sort=False)
+    }
+    top = max(float(np.nanmax(g.to_numpy())) for g in grids.values())
+    low = min(0.0, min(float(np.nanmin(g.to_numpy())) for g in grids.values()))
+    n_blocks = max(len(g) for g in grids.values())
+    fig = Figure(figsize=(2.0 + 3.0 * len(labels), 1.5 + min(6.0, 0.09 * n_blocks + 1.5)))
+    axes = np.atleast_1d(fig.subplots(1, len(labels), sharey=True, squeeze=False)[0])
+    down = set(table.loc[table.downsampling.fillna(False).astype(bool), "block"].astype(int))
+    image = None
+    for ax, label in zip(axes, labels):
+        grid = grids[label]
+        image = ax.imshow(
+            grid.to_numpy(dtype=float),
+            aspect="auto",
+            origin="lower",
+            cmap="RdBu_r",  # red: the deletion hurts; blue: it helps; white: no change
+            norm=TwoSlopeNorm(0.0, min(low, -1e-9), max(top, 1e-9)),
+            interpolation="nearest",
+        )
+        cols = [int(c) for c in grid.columns]
+        every = max(1, len(cols) // 6)
+        ax.set_xticks(range(len(cols))[::every], [str(c) for c in cols[::every]], fontsize=7)
+        ax.set_xlabel("optimizer step", fontsize=8)
+        rows = [int(b) for b in grid.index]
+        marks = [i for i, b in enumerate(rows) if b in down]
+        ax.set_title(str(label).replace(", ", "\n"), fontsize=7)
+        ticks = sorted({0, len(rows) - 1, *marks})
+        ax.set_yticks(ticks, [str(rows[i]) for i in ticks], fontsize=7)
+        for tick, i in zip(ax.get_yticklabels(), ticks):
+            if i in marks:
+                tick.set_color("C0")
+                tick.set_fontweight("bold")
+    axes[0].set_ylabel(f"{verb} block (downsampling in blue)", fontsize=8)
+    fig.colorbar(image, ax=list(axes), label=f"test {metric} rise ({unit})", shrink=0.9)
+    fig.suptitle(
+        f"One block {verb}, across training: test {metric} rise over the unlesioned network",
+        fontsize=9,
+    )
     return fig
 
 
@@ -245,4 +306,87 @@ def effective_paths(runs: pd.DataFrame, res: dict) -> Figure:
         ax.errorbar(i + 0.15, s["mean_error"], yerr=s["std_error"], fmt="k_", capsize=4)
     ax.set_xticks(range(len(res["arms"])), list(res["arms"]), rotation=20, fontsize=7)
     ax.set(ylabel="test error", title="Sec. 5: block-subset vs full training")
+    return fig
+
+
+SCORE_NAMES = {
+    "block_influence": "Block Influence 1 - cos(in, out)",
+    "relative_contribution": "relative contribution |f(h)| / |h|",
+    "angular_distance": "angular distance arccos(cos) / pi",
+}
+
+
+def importance(table: pd.DataFrame, metric: str = "error") -> Figure:
+    """Each cheap score of a block (x) against the rise of `metric` when the block is deleted
+    (y), one panel per score, one colour per label; downsampling blocks marked."""
+    table = _labelled(table)
+    scores = [s for s in SCORE_NAMES if s in table and table[s].notna().any()]
+    fig = Figure(figsize=(4 * max(1, len(scores)), 3.6))
+    axes = np.atleast_1d(fig.subplots(1, max(1, len(scores))))
+    for ax, score in zip(axes, scores):
+        for k, (label, t) in enumerate(table.groupby("label", sort=False)):
+            rise = t[metric] - t.baseline
+            down = t.downsampling.fillna(False).astype(bool)
+            ax.scatter(t[score][~down], rise[~down], s=14, color=f"C{k}", label=label)
+            ax.scatter(
+                t[score][down], rise[down], s=50, marker="v", facecolors="none", edgecolors="k"
+            )
+        ax.set_xlabel(SCORE_NAMES[score])
+        ax.set_ylabel(f"{metric} rise when deleted")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Cheap importance scores against single-block deletions", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def angular_distance(table: pd.DataFrame) -> Figure:
+    """Gromov et al.'s heatmap: the angular distance between the stream before block l (x) and
+    after a run of m blocks (y), averaged over the runs of a label (the first label drawn)."""
+    t = table[table.label == table.label.iloc[0]] if "label" in table else table
+    grid = t.groupby(["m", "first_block"]).angular_distance.mean().unstack("first_block")
+    fig = Figure(figsize=(7, 3.6))
+    ax = fig.subplots()
+    im = ax.imshow(grid.to_numpy(), origin="lower", aspect="auto", cmap="viridis_r")
+    ax.set_xticks(range(len(grid.columns))[:: max(1, len(grid.columns) // 12)])
+    ax.set_xticklabels(list(grid.columns)[:: max(1, len(grid.columns) // 12)])
+    ax.set_yticks(range(len(grid.index))[:: max(1, len(grid.index) // 8)])
+    ax.set_yticklabels(list(grid.index)[:: max(1, len(grid.index) // 8)])
+    ax.set_xlabel("first block of the run (l)")
+    ax.set_ylabel("run length m (steps)")
+    fig.colorbar(im, ax=ax, label="angular distance / pi")
+    ax.set_title("Angular distance of the stream across m blocks (Gromov et al.)", fontsize=9)
+    return fig
+
+
+def prune(table: pd.DataFrame, metric: str = "error") -> Figure:
+    """`metric` after deleting k blocks (x) per strategy: random as mean and spread over trials,
+    each other strategy a line; healed values dashed where measured (first label drawn)."""
+    table = _labelled(table)
+    t = table[table.label == table.label.iloc[0]]
+    fig = Figure(figsize=(8, 3.8), layout="constrained")
+    ax = fig.subplots()
+    for j, (strategy, s) in enumerate(t.groupby("strategy", sort=False)):
+        color = f"C{j}"
+        c = s.groupby("k")[metric].agg(["mean", "std"]).reset_index()
+        ax.plot(c.k, c["mean"], "-o", ms=3, color=color, label=strategy)
+        if strategy == "random":
+            _band(ax, c.k, c["mean"], c["std"].fillna(0), color, clip=metric == "error")
+        if "healed" in s and s.healed.notna().any():
+            h = s.dropna(subset=["healed"]).groupby("k").healed.mean()
+            ax.plot(h.index, h.to_numpy(), "--s", ms=4, color=color, label=f"{strategy}, healed")
+    ax.axhline(t.baseline.iloc[0], color="k", ls=":", lw=1, label="unpruned")
+    unit = t["unit"].iloc[0] if "unit" in t else "block"
+    ax.set_xlabel(f"{unit}s deleted (k)")
+    ax.set_ylabel(f"test {metric}")
+    # the informed strategies sit near the baseline, random sets far above: a log axis shows both
+    ax.set_yscale(
+        "symlog" if metric == "error" else "log",
+        **({"linthresh": 0.01} if metric == "error" else {}),
+    )
+    if metric == "error":
+        ax.set_ylim(0, 1)
+    ax.set_title("Which k blocks to delete: strategies (SLEB greedy, scores, random)", fontsize=9)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.grid(alpha=0.3)
     return fig

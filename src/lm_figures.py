@@ -10,6 +10,9 @@ from __future__ import annotations
 import pandas as pd
 from matplotlib.figure import Figure
 
+from src.results import steps
+from src.studies import draws_steps
+
 KIND_STYLE = {"attn": ("C0", "o", "attention"), "mlp": ("C1", "s", "MLP")}
 
 
@@ -25,20 +28,27 @@ def _label(table: pd.DataFrame) -> str:
     return str(table["label"].iloc[0]) if "label" in table else "run"
 
 
+@draws_steps
 def delete_single(table: pd.DataFrame, metric: str = "loss") -> Figure:
     """Loss per deleted block (Figs 3, 4 for a transformer): a marker per sub-layer kind, the
     unlesioned loss dashed."""
     return per_block(table, metric, "deleted", "Deleting one sub-layer")
 
 
+@draws_steps
 def duplicate(table: pd.DataFrame, metric: str = "loss") -> Figure:
     """Loss per duplicated block (each run twice in place), drawn as deletions are."""
     return per_block(table, metric, "duplicated", "Duplicating one sub-layer")
 
 
+@draws_steps
 def per_block(table: pd.DataFrame, metric: str, verb: str, title: str) -> Figure:
     """`metric` per lesioned block ("sub-layer `verb`"): a marker per sub-layer kind, the
-    unlesioned value dashed."""
+    unlesioned value dashed; a table of several steps: src/figures.py `damage_heatmap`."""
+    if len(steps(table)) > 1:
+        from src.figures import damage_heatmap
+
+        return damage_heatmap(table, metric, verb)
     fig = Figure(figsize=(7, 3.6))
     ax = fig.subplots()
     ax.plot(table.block, table[metric], "-", color="0.7", lw=1)

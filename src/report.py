@@ -38,6 +38,10 @@ from src.stats import fmt
 from src.studies import registry
 
 REPLICATE_KEYS = {"seed"}
+# The optimizer step of the weights a run analysed (`step=`, metrics.json's `step`): runs at
+# several steps are one curve's points in time (a heatmap across steps), not curves of their own.
+STEP_KEYS = {"step"}
+FACTS = ("model", "data", "training")  # what a run's metrics.json says it was
 # Overrides that say where a run read or wrote, not what it measured (a checkpoint analysed with
 # train=false, a data folder): left out of curve labels unless they are all that differs.
 LOCATION_KEYS = {"ckpt_path", "resume"}
@@ -65,12 +69,46 @@ def _one_name(runs: pd.DataFrame) -> str:
     return "all runs"
 
 
+def _step_keys(runs: pd.DataFrame, ov: pd.Series, swept: list[str]) -> set[str]:
+    """The swept keys that only say which step's weights a run analysed: `step=`, and a key
+    whose values follow the step one to one among runs alike in everything else (one checkpoint
+    per step: `ckpt_path=<run>/checkpoints/step-*.ckpt`, or `trainer.max_steps=100,200`)."""
+    step = runs["step"] if "step" in runs else None
+    if step is None or step.nunique() < 2:
+        return set()
+    facts = [c for c in FACTS if c in runs]
+    found = set(swept) & STEP_KEYS
+    for key in sorted(set(swept) - found):
+        others = [k for k in swept if k != key and k not in STEP_KEYS and not _is_location(k)]
+        others += sorted(REPLICATE_KEYS)
+        alike = [
+            (*(str(o.get(k)) for k in others), *(str(runs[c].iloc[i]) for c in facts))
+            for i, o in enumerate(ov)
+        ]
+        values = [str(o.get(key)) for o in ov]
+        pairs = pd.DataFrame({"alike": alike, "v": values, "s": step.to_numpy()}).dropna()
+        per = pairs.groupby("alike")
+        if ((per.v.nunique() == per.s.nunique()) & (per.size() == per.s.nunique())).all():
+            found.add(key)
+    return found
+
+
 def groups(runs: pd.DataFrame) -> pd.Series:
     """A label per run: the overrides that vary between runs, other than the seed; where a run
-    read or wrote (`ckpt_path`, `*_dir`) only when nothing else varies, shortened."""
+    read or wrote (`ckpt_path`, `*_dir`) only when nothing else varies, shortened. Runs of one
+    setup analysed at several steps (`_step_keys`) share a label, which names the run facts
+    (model, data, training) that tell setups apart where no override does."""
     ov = runs.overrides if "overrides" in runs else pd.Series([{}] * len(runs))
     keys = sorted({k for o in ov for k in o} - REPLICATE_KEYS)
     swept = [k for k in keys if len({o.get(k) for o in ov}) > 1]
+    by_step = _step_keys(runs, ov, swept)
+    if by_step:
+        swept = [k for k in swept if k not in by_step]
+        facts = [c for c in FACTS if c in runs and runs[c].nunique() > 1 and c not in swept]
+        ov = pd.Series(
+            [{**o, **{c: runs[c].iloc[i] for c in facts}} for i, o in enumerate(ov)], runs.index
+        )
+        swept = sorted(swept + facts)
     # A location names a curve only where runs alike in everything else (seed included) differ in
     # it; otherwise it follows from the other overrides, e.g. one checkpoint per seed.
     alike = [k for k in swept if not _is_location(k)] + sorted(REPLICATE_KEYS)
@@ -181,6 +219,16 @@ def effective_paths_markdown(
     return "\n".join(lines) + "\n"
 
 
+def at_latest_step(tables: pd.DataFrame) -> pd.DataFrame:
+    """Each group's (label's) rows of its latest step per study: what the trained networks
+    measured, where analyses ran across training or over a run's checkpoints."""
+    if "step" not in tables or tables.step.isna().all():
+        return tables
+    last = tables.groupby(["label", "study"]).step.transform("max")
+    keep = (tables.step == last).astype("boolean").fillna(True) | tables.step.isna()
+    return tables[keep.to_numpy(dtype=bool)]
+
+
 def report(path: str | Path, out: str | Path | None = None, alpha: float = 0.05) -> Path:
     """Aggregate every run below `path` into `<out>/report.md` and figures; returns report.md."""
     if not 0 < alpha < 1:
@@ -210,26 +258,33 @@ def report(path: str | Path, out: str | Path | None = None, alpha: float = 0.05)
     if "test_error" in runs:
         lines += ["", "## Test error", "", "| group | seeds | test error | min | max |"]
         lines.append("|---|---|---|---|---|")
-        for group, errs in runs.groupby(groups(runs)).test_error:
+        named = groups(runs)
+        if "step" in runs and (runs.groupby(named).step.nunique() > 1).any():
+            named = named + runs.step.map(lambda s: "" if pd.isna(s) else f", step {int(s)}")
+        for group, errs in runs.groupby(named).test_error:
             e = errs.dropna().tolist()
             lines.append(
                 f"| {group} | {len(e)} | {fmt(*stats.mean_ci(e))} | {min(e) * 100:.2f}% "
                 f"| {max(e) * 100:.2f}% |"
             )
+    final = at_latest_step(tables)  # the trained networks: headlines and claims
     for s in registry().values():
         t = tables[tables.study == s.name].dropna(axis=1, how="all")
         if t.empty:
             continue
         metrics = t.metric.dropna().unique() if "metric" in t else []
-        figure = s.figure(metrics[0] if len(metrics) == 1 else "error")
+        figure = s.figure(metrics[0] if len(metrics) == 1 else "error")  # several steps: a heatmap
         png = results.save_figure(figure(t), out / f"{s.name}.png")
         lines += ["", f"## {s.title}", "", f"**Paper:** {s.claim}", "", f"![{s.name}]({png.name})"]
         lines += ["", "| group | seeds | measured |", "|---|---|---|"]
-        for group, g in t.groupby("label", sort=True):
-            lines.append(f"| {group} | {g.run_dir.nunique()} | {s.headline(g)} |")
+        last = final[final.study == s.name].dropna(axis=1, how="all")
+        for group, g in last.groupby("label", sort=True):
+            at = results.steps(t[t.label == group])
+            when = f"at step {at[-1]} (of {len(at)} steps): " if len(at) > 1 else ""
+            lines.append(f"| {group} | {g.run_dir.nunique()} | {when}{s.headline(g)} |")
     if not runs.empty:
         lines += effective_paths(runs, out, alpha)
-    claims = claims_table(runs, tables)
+    claims = claims_table(runs, final)
     results.atomic_write(out / "claims.csv", claims.to_csv(index=False, lineterminator="\n"))
     rules = "; ".join(f"{f}: {t}" for f, t in zip(claims.figure, claims.test))
     lines += ["", "## Claims", "", f"Verdict rules: {rules}.", ""]

@@ -30,7 +30,8 @@ import yaml
 # Metadata columns of every table, in this order. `blocks_per_step` is metrics.json's `k` (blocks
 # each training step ran; empty when it varies, as under stochastic depth), named apart from
 # delete_many's own column `k`; `metric` names what the value column measures (classification
-# error here; a language model's analyses measure loss).
+# error here; a language model's analyses measure loss); `step` is the optimizer step of the
+# weights a row measured (an analysis during training records one set of rows per step).
 META = (
     "run_id",
     "study",
@@ -41,6 +42,7 @@ META = (
     "blocks_per_step",
     "seed",
     "metric",
+    "step",
 )
 DPI = 150
 
@@ -102,7 +104,7 @@ def tidy(study: str, rows: Sequence[dict] | pd.DataFrame, meta: dict) -> pd.Data
     cols = {c: front[c] for c in META}
     meta_frame = pd.DataFrame({c: [v] * len(table) for c, v in cols.items()})
     meta_frame = meta_frame.astype(
-        {"n_blocks": "Int64", "blocks_per_step": "Int64", "seed": "Int64"}
+        {"n_blocks": "Int64", "blocks_per_step": "Int64", "seed": "Int64", "step": "Int64"}
         | {c: "string" for c in STRINGS}
     )
     clash = sorted(set(table.columns) & set(META))
@@ -112,6 +114,41 @@ def tidy(study: str, rows: Sequence[dict] | pd.DataFrame, meta: dict) -> pd.Data
 
 
 STRINGS = ("run_id", "study", "model", "data", "training", "metric")
+
+
+def steps(table: pd.DataFrame) -> list[int]:
+    """The optimizer steps a table's rows measured, in order (none: no `step` column or no
+    value in it)."""
+    if "step" not in table:
+        return []
+    return sorted(int(s) for s in table["step"].dropna().unique())
+
+
+def latest_step(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the table's latest step (a table of one step, or of none: all rows)."""
+    found = steps(table)
+    if len(found) < 2:
+        return table
+    return table[table["step"] == found[-1]]
+
+
+def with_earlier_steps(path: Path, table: pd.DataFrame) -> pd.DataFrame:
+    """`table` (one step's rows) after the rows of the other steps already in `<path>.parquet`
+    (an analysis during training, src/analysis/base.py), ordered by step: a step measured again
+    replaces its rows."""
+    file = Path(path).with_suffix(".parquet")
+    if not file.is_file():
+        return table
+    old = pd.read_parquet(file)
+    if "step" not in old or list(old.columns[: len(META)]) != list(META):
+        return table  # a table of an older layout: this call's rows stand alone
+    new = table["step"].dropna().unique()
+    same = old["step"].isna() if not len(new) else old["step"].isin(new)
+    old = old[~same.fillna(False).astype(bool)]
+    if old.empty:
+        return table
+    both = pd.concat([old, table], ignore_index=True)
+    return both.sort_values("step", kind="stable", na_position="last", ignore_index=True)
 
 
 def record(

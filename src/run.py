@@ -21,7 +21,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from src import schema
+from src import precision, schema  # precision: the ${auto_precision:} of trainer.precision
 from src.cluster import (
     ddp_ranks_join_this_job,
     leave_ddp,
@@ -145,6 +145,10 @@ def train(cfg: DictConfig) -> dict:
         in_channels=datamodule.channels,
         num_classes=datamodule.num_classes,
     )
+    # the training fast path (src/precision.py): trainer.precision resolved, the memory format set
+    fast = precision.choose(cfg, net)
+    fast.apply(net)
+    log.info("%s", fast)
     if cfg.get("compile"):
         net.compile_blocks()
     mode = instantiate(cfg.training)
@@ -152,10 +156,15 @@ def train(cfg: DictConfig) -> dict:
     check_pairing(net, datamodule, module_class)
     module = module_class(net, mode=mode, num_classes=datamodule.num_classes, **cfg.optim)
     module.facts = run_facts(cfg, choices, net, mode, trained_seed)  # every table's metadata
+    # the optimizer step of the weights analysed (the tables' `step`): a `step=` override, else
+    # the checkpoint's own; after training, the trained network's (set below)
+    module.facts["step"] = (
+        cfg.get("step") if cfg.get("step") is not None else (ckpt or {}).get("global_step")
+    )
     ddp_ranks_join_this_job()
     callbacks = build(cfg, "callbacks")
-    if cfg.train:
-        callbacks.append(checkpoint.RunConfig(checkpoint.describe(cfg, choices)))
+    # in every run, so a callback can save a checkpoint of its own (src/export.py)
+    callbacks.append(checkpoint.RunConfig(checkpoint.describe(cfg, choices)))
     trainer = instantiate(
         cfg.trainer,
         callbacks=callbacks,
@@ -180,6 +189,7 @@ def train(cfg: DictConfig) -> dict:
         if resume_from:
             log.info("resuming from %s", resume_from)
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+        module.facts["step"] = trainer.global_step
         # the weights tested below are the final ones, also when fit stopped mid-epoch
         trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt")
     elif ckpt is not None:

@@ -69,6 +69,9 @@ class LMSize:
     context: Annotated[int, POSITIVE]
 
 
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+
+
 @dataclass
 class Run:
     """The top-level keys without a `_target_` (conf/config.yaml, experiments, training modes)."""
@@ -79,7 +82,9 @@ class Run:
     ckpt_path: str | None
     resume: bool | str  # or a .ckpt path
     compile: bool
+    memory_format: Literal[MEMORY_FORMATS] = "auto"  # src/precision.py
     module: str | None = None  # the LightningModule's class
+    step: Annotated[int, NON_NEGATIVE] | None = None  # train=false: the weights' optimizer step
     data_name: str | None = None
     ddp_strategy: str | None = None
     paths: dict[str, str] | None = None

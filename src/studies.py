@@ -28,7 +28,9 @@ class Study:
     columns:     the table's own columns before the value column (the metric's: `error`, or
                  `loss` and `perplexity`); a transformer's per-block rows add layer,kind.
     figures:     metric -> figure of the study's table (src/figures.py for error,
-                 src/lm_figures.py for loss).
+                 src/lm_figures.py for loss). A table of several steps (an analysis during
+                 training) is drawn by a figure marked `draws_steps` as it is (the per-block
+                 figures: a block x step heatmap), by any other as its latest step's rows.
     headline:    the report's headline of one group of runs (a table with run_dir, baseline).
     title:       the report's section title.
     claim:       the paper's claim about it (beyond the paper: what the unraveled view predicts),
@@ -48,8 +50,30 @@ class Study:
     section: str | None = None
 
     def figure(self, metric: str) -> Callable:
-        """The figure of a table measured in `metric`: its own, else the study's first."""
-        return self.figures.get(metric) or next(iter(self.figures.values()))
+        """The figure of a table measured in `metric`: its own, else the study's first (of the
+        latest step's rows, unless it draws several steps: `step_figure`)."""
+        return step_figure(self.figures.get(metric) or next(iter(self.figures.values())))
+
+
+def draws_steps(fn: Callable) -> Callable:
+    """Mark a figure function that draws a table of several steps itself (lesions across
+    training); `step_figure` hands it every step's rows."""
+    fn.draws_steps = True
+    return fn
+
+
+def step_figure(fn: Callable) -> Callable:
+    """`fn` for a table that may hold several steps: as it is when it draws steps itself (marked
+    by `draws_steps`, also through a `functools.partial`), else drawing the latest step's rows."""
+    if getattr(fn, "draws_steps", False) or getattr(getattr(fn, "func", None), "draws_steps", 0):
+        return fn
+    from src.results import latest_step
+
+    @functools.wraps(fn)
+    def figure(table: pd.DataFrame, *args, **kwargs):
+        return fn(latest_step(table), *args, **kwargs)
+
+    return draws_steps(figure)
 
 
 @functools.cache

@@ -15,6 +15,9 @@
   full network on `bn_batches` training batches before testing (`src/bn.py`), and `ensemble`
   averages the softmax of `ensemble_size` random k-subsets (Monte-Carlo, as in MC dropout), the
   same subsets for every test batch, logging the error of the first m members for m = 1, 2, 4, ...
+- `pruned` (issue 20, healing): the blocks `deleted` never run, in training, validation and test
+  (one fixed `Plan(deleted=...)`, like a step plan of block-subset training); `src/healing.py`
+  fine-tunes a network that way for a few steps, from a study.
 
 On a network without shortcuts (`model=vgg15`) a deleted layer is the identity, as in the lesion
 study, so `block_subset` trains k of its plain layers per mini-batch and tests them with any rule
@@ -40,7 +43,7 @@ import torch
 from src import seeds
 from src.errors import ConfigError
 from src.models.network import Network, Plan
-from src.schema import POSITIVE, UNIT
+from src.schema import NON_NEGATIVE, POSITIVE, UNIT
 
 
 class TrainingMode:
@@ -244,3 +247,34 @@ class RequeueBetweenSteps(L.Callback):
             signal.signal(self.signum, self.handler)
             self._release(trainer)
             self.handler = None
+
+
+class Pruned(TrainingMode):
+    """The blocks `deleted` are absent in every plan (train, validation, test): a network with
+    those blocks pruned, trained or healed (src/healing.py) and tested without them."""
+
+    def __init__(self, deleted: list[Annotated[int, NON_NEGATIVE]] = ()):
+        ids = None if isinstance(deleted, (str, bytes, int)) else list(deleted)
+        if ids is None or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise ConfigError(f"training.deleted must be a list of block ids, got {deleted!r}")
+        self.deleted = frozenset(ids)
+
+    def check(self, net: Network) -> None:
+        bad = sorted(i for i in self.deleted if not 0 <= i < net.n_blocks)
+        if bad:
+            raise ConfigError(
+                f"training.deleted: block {bad[0]} is out of range: this model has blocks "
+                f"0..{net.n_blocks - 1}"
+            )
+
+    def plan(self) -> Plan:
+        return Plan(deleted=self.deleted)
+
+    def train_plan(self, n_blocks: int) -> Plan:
+        return self.plan()
+
+    def eval_plan(self, n_blocks: int) -> Plan:
+        return self.plan()
+
+    def blocks_per_step(self, n_blocks: int) -> int:
+        return n_blocks - len(self.deleted)

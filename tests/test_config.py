@@ -55,19 +55,25 @@ def test_training_options_build_their_mode(tmp_path):
     }
     assert {o: type(m).__name__ for o, m in built.items()} == {
         "block_subset": "BlockSubset",
+        "pruned": "Pruned",
         "standard": "Standard",
         "stochastic_depth": "StochasticDepth",
     }
     assert built["block_subset"].k == 23 and built["stochastic_depth"].final_survival == 0.5
+    assert built["pruned"].deleted == frozenset()  # nothing deleted unless training.deleted says
 
 
 def test_trainer_options_build_their_trainer(tmp_path):
+    from src.precision import native_bf16
+
     expect = {"cpu": "cpu", "default": "auto", "ddp": "auto", "gpu": "gpu"}
     assert set(expect) == set(options("trainer"))
     for option, accelerator in expect.items():
         cfg = compose_cfg([f"trainer={option}"], tmp_path)
         assert cfg.trainer.accelerator == accelerator and cfg.trainer.max_steps == 64000
-        assert cfg.trainer.precision == ("bf16-mixed" if option == "gpu" else "32-true")
+        # gpu: bf16-mixed; elsewhere the CPU's own choice (bf16-mixed only with native bf16)
+        cpu = "bf16-mixed" if accelerator != "gpu" and native_bf16() else "32-true"
+        assert cfg.trainer.precision == ("bf16-mixed" if option == "gpu" else cpu)
         assert cfg.trainer.get("strategy", "auto") == ("ddp" if option == "ddp" else "auto")
     trainer = instantiate(compose_cfg(["trainer=cpu"], tmp_path).trainer, logger=False)
     assert trainer.max_steps == 64000 and trainer.num_devices == 1

@@ -588,6 +588,131 @@ def check_resume(command, tmp_path_factory, tmp_path):
     assert json.loads((run / "metrics.json").read_text())["global_step"] == 40
 
 
+def check_lesions_over_training(command, tmp_path_factory, tmp_path):
+    """ResNet-110 trained three ways, each block deleted every 50 steps (and at step 0): one
+    table per run with a `step` column, and the sweep's heatmap, one panel per training."""
+    import pandas as pd
+
+    copy = fresh_copy(tmp_path)
+    run_cli(*shortened(command), cwd=copy)
+    sweep = sweep_dir(copy, "lesions_over_training")
+    trainings = set()
+    for job in (sweep / "0", sweep / "1", sweep / "2"):
+        t = pd.read_parquet(job / "analysis" / "delete_single.parquet")
+        assert sorted(t.step.unique()) == [0, 20] and len(t) == 2 * 54  # step 0 and the end
+        trainings |= set(t.training)
+    assert trainings == {"standard", "stochastic_depth", "block_subset"}
+    assert_figure(sweep / "report" / "delete_single.png")
+    md = (sweep / "report" / "report.md").read_text()
+    assert "at step 20 (of 2 steps)" in md
+
+
+PERIODIC = "every_n_train_steps=50"
+
+
+def periodic_run(tmp_path_factory) -> Path:
+    """The README's periodic-checkpoint training, shortened: a checkpoint every 10 of 20 steps."""
+    [cmd] = [c for c in documented_commands() if PERIODIC in c]
+    args = [w.replace(PERIODIC, "every_n_train_steps=10") for w in shortened(cmd)]
+    return ran(tmp_path_factory, "doc_periodic", *args)
+
+
+def check_periodic_checkpoints(command, tmp_path_factory, tmp_path):
+    run = single_run(periodic_run(tmp_path_factory), "train")
+    found = sorted(p.name for p in (run / "checkpoints").glob("step-*.ckpt"))
+    assert found == ["step-000010.ckpt", "step-000020.ckpt"]
+
+
+def check_lesions_over_checkpoints(command, tmp_path_factory, tmp_path):
+    """A multirun over a run's periodic checkpoints: each job's table carries its checkpoint's
+    step, and the sweep's report is one group across steps (a heatmap), not one per file."""
+    import pandas as pd
+
+    copy = periodic_run(tmp_path_factory)
+    work = tmp_path / "copy"
+    shutil.copytree(copy, work)
+    run = single_run(work, "train")
+    listed = re.search(r'"ckpt_path=\$\(ls (\S+) \| paste -sd,\)"', command)
+    pattern = listed[1].replace("outputs/train/<time>_<id>", str(run.relative_to(work)))
+    ckpts = ",".join(str(p.relative_to(work)) for p in sorted(work.glob(pattern)))
+    args = command.replace(listed[0], f"ckpt_path={ckpts}").split()[3:]
+    run_cli(*args, cwd=work)
+    sweep = sweep_dir(work, "train")
+    t = pd.read_parquet(sweep / "report" / "tables.parquet")
+    assert sorted(t.step.unique()) == [10, 20] and len(t) == 2 * 54
+    md = (sweep / "report" / "report.md").read_text()
+    assert "groups: resnet110." in md and "at step 20 (of 2 steps)" in md
+    assert_figure(sweep / "report" / "delete_single.png")
+
+
+def check_importance(command, tmp_path_factory, tmp_path):
+    """`experiment=importance preset=quick`: scores, deletions and their rank correlations for
+    ResNet-110 and the ViT arm, Gromov's heatmap per run, the overlay in the sweep's report."""
+    import pandas as pd
+
+    copy = fresh_copy(tmp_path)
+    run_cli(*shortened(command), "callbacks.importance.resamples=50", cwd=copy)
+    sweep = sweep_dir(copy, "importance")
+    for job, blocks in (("0", 54), ("1", 24)):
+        run = sweep / job / "analysis"
+        rows = pd.read_csv(run / "importance.csv")
+        assert rows.block.tolist() == list(range(blocks))
+        assert rows[["block_influence", "angular_distance", "error"]].notna().all().all()
+        corr = pd.read_csv(run / "importance_correlation.csv")
+        if rows.error.nunique() == 1:  # 20 steps: every deletion alike, no ranking to compare
+            assert corr.rho.isna().all(), corr
+        else:
+            assert ((corr.low <= corr.rho) & (corr.rho <= corr.high)).all(), corr
+        assert_figure(run / "angular_distance.png")
+    assert "kind" in pd.read_csv(sweep / "1" / "analysis" / "importance.csv")  # the ViT
+    assert_figure(sweep / "report" / "importance.png")
+
+
+def check_prune(command, tmp_path_factory, tmp_path):
+    """`experiment=prune preset=quick`: every strategy's sets and values, healed networks kept as
+    checkpoints that `train=false ckpt_path=` tests to the table's own healed value."""
+    import pandas as pd
+
+    copy = fresh_copy(tmp_path)
+    short = ["callbacks.prune.max_k=2", "callbacks.prune.trials=2", "callbacks.prune.heal_steps=3"]
+    run_cli(*shortened(command), *short, "callbacks.prune.heal_ks=[2]", cwd=copy)
+    sweep = sweep_dir(copy, "prune")
+    rows = pd.read_csv(sweep / "0" / "analysis" / "prune.csv")
+    assert set(rows.strategy) == {
+        "random", "block_influence", "relative_contribution", "angular_distance",
+        "angular_run", "greedy",
+    }  # fmt: skip
+    healed = rows[rows.healed.notna()]
+    assert set(healed.k) == {2} and len(healed) == 6
+    greedy = healed[healed.strategy == "greedy"].iloc[0]
+    ckpt = sweep / "0" / "analysis" / "prune" / "greedy_k2.ckpt"
+    run_cli("train=false", f"ckpt_path={ckpt}", "logger=csv", cwd=copy)
+    metrics = json.loads((single_run(copy, "train") / "metrics.json").read_text())
+    assert metrics["n_blocks"] == 54 - len(str(greedy.deleted).split())
+    assert metrics["test_error"] == pytest.approx(greedy.healed, abs=1e-6)  # float32; 1 image: 3e-3
+    assert_figure(sweep / "report" / "prune.png")
+
+
+def check_lm_which_blocks(command, tmp_path_factory, tmp_path):
+    """The quick GPT with `importance` and `prune` added: sub-layer scores, whole-layer pruning,
+    and the greedy set at k=2 exported as a 6-layer GPT-2 that plain transformers loads."""
+    import pandas as pd
+    from transformers import AutoModelForCausalLM
+
+    copy = fresh_copy(tmp_path)
+    run_cli(*shortened(command), "callbacks.prune.max_k=2", "callbacks.prune.trials=2", cwd=copy)
+    run = single_run(copy, "lm_lesions") / "analysis"
+    assert len(pd.read_csv(run / "importance.csv")) == 16
+    rows = pd.read_csv(run / "prune.csv")
+    assert set(rows.unit) == {"layer"} and set(rows.metric) == {"loss"}
+    two = rows[(rows.strategy == "greedy") & (rows.k == 2)].deleted.iloc[0].split()
+    assert len(two) == 4  # two whole layers: attention and MLP of each
+    model = AutoModelForCausalLM.from_pretrained(run / "prune" / "export_greedy_k2")
+    assert model.config.n_layer == 6
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["prune"]["export"].endswith("export_greedy_k2")
+
+
 @dataclass(frozen=True)
 class Rule:
     pattern: str
@@ -642,6 +767,27 @@ RULES = [
     Rule(
         r"python -m src\.run <same overrides> hydra\.run\.dir=<its run dir> resume=true",
         check_resume,
+    ),
+    Rule(
+        r"python -m src\.run experiment=lesions_over_training preset=quick",
+        check_lesions_over_training,
+    ),
+    Rule(
+        r"python -m src\.run preset=quick callbacks=periodic "
+        r"callbacks\.periodic_checkpoint\.every_n_train_steps=50",
+        check_periodic_checkpoints,
+    ),
+    Rule(
+        r'python -m src\.run -m train=false "ckpt_path=\$\(ls \S+ \| paste -sd,\)" '
+        r"\+lesion@callbacks\.delete_single=delete_single",
+        check_lesions_over_checkpoints,
+    ),
+    Rule(r"python -m src\.run experiment=importance preset=quick", check_importance),
+    Rule(r"python -m src\.run experiment=prune preset=quick", check_prune),
+    Rule(
+        r"python -m src\.run experiment=lm_lesions preset=quick hydra\.mode=RUN "
+        r"\+lesion@callbacks\.importance=importance \+lesion@callbacks\.prune=prune .*",
+        check_lm_which_blocks,
     ),
 ]
 

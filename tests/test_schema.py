@@ -43,6 +43,9 @@ NEGATIVE_OK = {"model.config.bos_token_id", "model.config.eos_token_id"}
 # and `setup` refuse a negative value, in one line through src/run.py.
 RANGE_IN_CONSTRUCTOR = ("callbacks.delete_", "callbacks.duplicate.", "callbacks.reorder.")
 RANGE_IN_CONSTRUCTOR += ("callbacks.gradient_paths.", "task.")
+# ... except the keys every analysis or lesion study shares (src/analysis/base.py), declared
+# with their ranges.
+RANGE_DECLARED = (".every_n_steps", ".batch_size", ".bn_batches")
 
 
 @functools.cache
@@ -102,7 +105,7 @@ def cases():
             bad = [(v, True) for v in wrong_values(key, value)]
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
             if number and value > 0 and key not in NEGATIVE_OK:
-                ranged = not key.startswith(RANGE_IN_CONSTRUCTOR)
+                ranged = not key.startswith(RANGE_IN_CONSTRUCTOR) or key.endswith(RANGE_DECLARED)
                 bad.append((-5 if isinstance(value, int) else -0.5, ranged))
                 if key in MINUS_ONE:
                     bad.append((-1, False))

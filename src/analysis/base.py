@@ -5,13 +5,24 @@ run's metadata that goes into its table (src/results.py). The measuring itself i
 `LesionStudy` is the skeleton of every lesion study: a study supplies its plans (with each
 plan's row fields) and its summary; the skeleton evaluates them, names the value column after
 the metric, adds the baseline and bn mode, and records table, summary and figure (the study's
-entry in src/studies.py). CONTRIBUTING.md walks through adding one."""
+entry in src/studies.py). CONTRIBUTING.md walks through adding one.
+
+Every analysis also runs during training when given `every_n_steps` (lesions across training):
+on the current weights every N optimizer steps, with the network as tested, leaving training
+untouched; its table gathers every step's rows (the `step` column) in one file."""
 
 from __future__ import annotations
 
+import functools
+import inspect
+import logging
 import math
-from collections.abc import Callable, Sequence
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Annotated
 
 import lightning as L
 import pandas as pd
@@ -22,7 +33,10 @@ from src import results
 from src.engines.lesion import check_metric, parse_memory
 from src.errors import ConfigError
 from src.models.network import FULL, Network, Plan
-from src.studies import registry
+from src.schema import POSITIVE
+from src.studies import registry, step_figure
+
+log = logging.getLogger(__name__)
 
 
 def run_meta(trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
@@ -43,9 +57,108 @@ def run_meta(trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
 BASELINE_KEYS = ("baseline_error", "baseline_loss", "baseline_perplexity")
 
 
+@contextmanager
+def untouched(net: torch.nn.Module) -> Iterator[None]:
+    """Within the block anything may be done to `net`; on exit its modules' train/eval flags,
+    its device, its batch-norm buffers, the gradients of its parameters and every random
+    generator (torch's CPU and CUDA ones, Python's, NumPy's) are back as they were."""
+    import numpy as np
+
+    flags = [(m, m.training) for m in net.modules()]
+    device = next(net.parameters()).device
+    buffers = [(b, b.detach().clone()) for b in net.buffers()]
+    grads = [(p, None if p.grad is None else p.grad.clone()) for p in net.parameters()]
+    cuda = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+    py, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=cuda):
+        try:
+            yield
+        finally:
+            with torch.inference_mode(False), torch.no_grad():
+                net.to(device)
+                for b, saved in buffers:
+                    b.copy_(saved)
+                for p, g in grads:
+                    p.grad = g
+            for m, training in flags:
+                m.training = training
+            random.setstate(py)
+            np.random.set_state(np_state)
+
+
+@contextmanager
+def as_tested(trainer: L.Trainer, pl_module: L.LightningModule) -> Iterator[None]:
+    """The network as testing sees it: a block-subset network with `test_mode=recalibrate` gets
+    its batch-norm statistics re-estimated on the test-time batches `on_test_start` uses
+    (src/module.py); they are put back on exit. Other networks are tested as they are."""
+    mode = getattr(pl_module, "mode", None)
+    n = getattr(mode, "bn_batches", None)
+    if not n:
+        yield
+        return
+    from src import bn, seeds
+
+    seed = getattr(pl_module, "seed", None)
+    seed = seeds.derive(seed if seed is not None else seeds.run_seed(), "bn")
+    data = bn.training_batches(trainer.datamodule, n, seed, pl_module.device)
+    with bn.recalibrated(pl_module.net, pl_module.eval_plan, data, n):
+        yield
+
+
+EVERY_N_STEPS = inspect.Parameter(
+    "every_n_steps",
+    inspect.Parameter.KEYWORD_ONLY,
+    default=None,
+    annotation=Annotated[int, POSITIVE] | None,
+)
+
+
+def _check_every(every_n_steps, name: str) -> int | None:
+    if every_n_steps is None:
+        return None
+    if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+        raise ConfigError(
+            f"{name}.every_n_steps={every_n_steps!r}: pass a positive number of optimizer steps "
+            "(or null: only after testing)"
+        )
+    return int(every_n_steps)
+
+
+def _taking_every_n_steps(init: Callable) -> Callable:
+    """`init` with the keyword `every_n_steps` that every analysis takes (set after `init` ran),
+    declared in its signature and annotations (src/schema.py checks config keys against them)."""
+
+    @functools.wraps(init)
+    def __init__(self, *args, every_n_steps: int | None = None, **kwargs):
+        init(self, *args, **kwargs)
+        self.every_n_steps = _check_every(every_n_steps, self.name)
+
+    signature = inspect.signature(init)
+    ps = list(signature.parameters.values())
+    at = next((i for i, p in enumerate(ps) if p.kind == p.VAR_KEYWORD), len(ps))
+    __init__.__signature__ = signature.replace(parameters=[*ps[:at], EVERY_N_STEPS, *ps[at:]])
+    __init__.__annotations__ = {
+        **getattr(init, "__annotations__", {}),
+        "every_n_steps": EVERY_N_STEPS.annotation,
+    }
+    __init__.takes_every_n_steps = True
+    return __init__
+
+
 class AnalysisCallback(Callback):
     """Base of the post-training measurements: runs once testing ends (after fit, or on a loaded
     checkpoint with `train=false`) and writes into `<run dir>/analysis/`.
+
+    every_n_steps: also run during fit, on the current weights, every N optimizer steps (and at
+    step 0), as the final analysis does; None: only after testing. Every analysis takes it,
+    whatever its own constructor says (`__init_subclass__` adds the keyword). The table's `step`
+    column says which weights a row measured: the optimizer step (the final analysis: the
+    trained network's, a checkpoint's own `global_step` with `train=false`), and each recording
+    rewrites the table with every step's rows so far (a step measured again replaces its rows),
+    so an interrupted run keeps what it had. A mid-fit analysis sees the network as tested (eval
+    mode; block-subset `test_mode=recalibrate`: statistics re-estimated, then put back) and
+    leaves training as it was: flags, device, batch-norm buffers and every random generator are
+    restored, so the weights end bit-identical to a run without it.
 
     Under DDP the analysis runs on global rank 0 only, as plain PyTorch on `pl_module.net` (no
     collective calls), so its results equal a single-process run; the other ranks wait.
@@ -55,6 +168,19 @@ class AnalysisCallback(Callback):
     """
 
     name = "analysis"
+    every_n_steps: int | None = None
+    _fit_step: int | None = None  # the optimizer step of the last mid-fit analysis
+    _in_fit = False  # a mid-fit analysis is running
+
+    def __init__(self, every_n_steps: int | None = None):
+        self.every_n_steps = _check_every(every_n_steps, self.name)
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and not getattr(init, "takes_every_n_steps", False):
+            if "every_n_steps" not in inspect.signature(init).parameters:
+                cls.__init__ = _taking_every_n_steps(init)
 
     def analysis_dir(self, trainer: L.Trainer) -> Path:
         return Path(trainer.default_root_dir) / "analysis"
@@ -64,6 +190,56 @@ class AnalysisCallback(Callback):
             with torch.inference_mode(False):
                 self.analyse(trainer, pl_module)
         trainer.strategy.barrier("analysis")
+
+    # --- during training ------------------------------------------------------------------
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.every_n_steps and trainer.global_step == 0:
+            self.analyse_during_fit(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._fit_step:
+            self.analyse_during_fit(trainer, pl_module)  # once per step (gradient accumulation)
+
+    def analyse_during_fit(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """`analyse` on the current weights at step `trainer.global_step`, on rank 0, with the
+        network as tested; training's state is put back afterwards (see the class docstring)."""
+        self._fit_step = trainer.global_step
+        if trainer.is_global_zero:
+            self._in_fit, start = True, time.monotonic()
+            try:
+                with untouched(pl_module.net), as_tested(trainer, pl_module), self.quiet():
+                    self.analyse(trainer, pl_module)
+            finally:
+                self._in_fit = False
+            log.info("%s at step %d: %.1f s", self.name, self._fit_step, time.monotonic() - start)
+        trainer.strategy.barrier("analysis")
+
+    @contextmanager
+    def quiet(self) -> Iterator[None]:
+        """No progress bar of its own while Lightning's training bar is live."""
+        had = "progress" in vars(self)
+        old = vars(self).get("progress")
+        if had:
+            self.progress = False
+        try:
+            yield
+        finally:
+            if had:
+                self.progress = old
+
+    def step(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int | None:
+        """The optimizer step of the weights measured: mid-fit the trainer's; after testing the
+        run's fact `step` (src/run.py: the trained network's, or the checkpoint's), else the
+        trainer's global step; None where nothing says."""
+        if self._in_fit:
+            return int(self._fit_step)
+        facts = getattr(pl_module, "facts", None) or {}
+        if "step" in facts:
+            return None if facts["step"] is None else int(facts["step"])
+        step = getattr(trainer, "global_step", None)
+        return None if step is None else int(step)
 
     def analyse(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         raise NotImplementedError
@@ -80,17 +256,23 @@ class AnalysisCallback(Callback):
     ) -> pd.DataFrame:
         """The rows as this run's tidy table, written with summary and figure (src/results.py).
         `metric`: what the table's value column measures (the `metric` metadata column; None:
-        error)."""
+        error). The table on disk gathers every step's rows (`step`); a figure function draws
+        the latest step's, unless it draws several steps itself (src/studies.py `step_figure`).
+        Returns this call's rows."""
         study = study or self.name
         meta = run_meta(trainer, pl_module) | ({"metric": metric} if metric else {})
+        meta["step"] = self.step(trainer, pl_module)
         table = results.tidy(study, rows, meta)
-        fig = figure(table.assign(label=self.run_label(pl_module))) if callable(figure) else figure
         out = self.analysis_dir(trainer)
+        steps = results.with_earlier_steps(out / study, table)
+        label = self.run_label(pl_module)
+        fig = step_figure(figure)(steps.assign(label=label)) if callable(figure) else figure
         # the run's unlesioned value (baseline_error; a language model's baseline_loss/perplexity)
         baselines = {k: v for k, v in (summary or {}).items() if k in BASELINE_KEYS}
         if baselines:
             results.update_json(out / "summary.json", baselines)
-        return results.record(out, study, table, summary, fig, trainer.loggers)
+        results.record(out, study, steps, summary, fig, trainer.loggers)
+        return table
 
     def run_label(self, pl_module: L.LightningModule) -> str:
         net = pl_module.net
@@ -133,11 +315,11 @@ class LesionStudy(AnalysisCallback):
         self,
         reuse: bool = True,
         device: str | None = None,
-        batch_size: int | None = None,
+        batch_size: Annotated[int, POSITIVE] | None = None,
         progress: bool = True,
         label: str | None = None,
         bn: str = "eval",
-        bn_batches: int = 20,
+        bn_batches: Annotated[int, POSITIVE] = 20,
         metric: str | None = None,
         memory: int | str | None = None,
     ):

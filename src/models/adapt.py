@@ -138,6 +138,9 @@ def adapt(model: nn.Module, verify: bool = True, **options) -> Network:
     family = family_of(model)
     net = family.build(model, **options)
     net.inputs = "tokens" if family.library == "transformers" else "images"
+    # the model itself, not registered as a submodule (no second copy in the state dict):
+    # src/export.py saves a Hugging Face model with layers removed from it
+    object.__setattr__(net, "source", model)
     if verify:
         check_equal(net, model)
     return net

@@ -21,7 +21,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import operator
-from collections.abc import Sequence
+import types
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -178,6 +180,72 @@ def _skip(block: Block, h: Tensor) -> Tensor:
     return block.skip(h)
 
 
+def _autocast(device: str):
+    """The autocast dtype in effect on `device` (False: none)."""
+    if not hasattr(torch, "get_autocast_dtype"):  # torch < 2.4
+        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+    return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device)
+
+
+class CompiledBlocks:
+    """`torch.compile` of `_fused`, `_branches` and `_skip`, one compiled copy per kind of call.
+
+    Dynamo keeps its graphs per code object and guards on the block it is given (its class, its
+    submodules: a projection shortcut or none, parameter shapes and strides, `training`), so one
+    compiled `_fused` for every block of a ResNet recompiles for each kind of block and mode and
+    falls back to eager after `recompile_limit` (8). Here each kind gets a copy of the function
+    with a code object of its own: the key is the block's class and structure (its `repr`, its
+    plain attributes but the labels `METADATA`, its parameters' shapes, strides, dtypes and
+    devices), its train/eval mode, the grad, inference and autocast state, and the input's
+    dtype, rank and layout. A copy sees one kind of block only: it compiles once, and once more
+    when the batch size changes (a dynamic batch dimension). Dynamo's own guards still check
+    every call, so a key can never select a graph that does not fit; it only keeps each copy's
+    recompiles few.
+    """
+
+    METADATA = ("training", "stage", "layer_index", "parallel")  # Block's labels; not structure
+
+    def __init__(self, **options):
+        self.options = options
+        self.graphs: dict[tuple, Callable] = {}  # key -> compiled copy
+        self.structure: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.kernels = tuple(functools.partial(self.call, fn) for fn in (_fused, _branches, _skip))
+
+    def __deepcopy__(self, memo) -> CompiledBlocks:
+        return self  # a copied network shares the graphs (they take the block as an argument)
+
+    def key(self, fn: Callable, block: nn.Module, h: Tensor) -> tuple:
+        structure = self.structure.get(block)
+        if structure is None:
+            plain = (bool, int, float, str, type(None))
+            attrs = tuple(
+                (k, v)
+                for k, v in sorted(vars(block).items())
+                if not k.startswith("_") and k not in self.METADATA and isinstance(v, plain)
+            )
+            structure = self.structure[block] = (type(block), repr(block), attrs)
+        return (
+            fn.__name__,
+            structure,
+            tuple((p.shape, p.stride(), p.dtype, p.device) for p in block.parameters()),
+            block.training,
+            torch.is_grad_enabled(),
+            torch.is_inference_mode_enabled(),
+            _autocast(h.device.type),
+            (h.dtype, h.dim(), h.is_contiguous()),
+        )
+
+    def call(self, fn: Callable, block: nn.Module, h: Tensor):
+        key = self.key(fn, block, h)
+        compiled = self.graphs.get(key)
+        if compiled is None:
+            n = len(self.graphs)
+            code = fn.__code__.replace(co_name=f"{fn.__name__}_{n}")  # its own dynamo cache
+            copy = types.FunctionType(code, fn.__globals__, code.co_name)
+            compiled = self.graphs[key] = torch.compile(copy, **self.options)
+        return compiled(block, h)
+
+
 def _backward_scale(t: Tensor, lam: float) -> Tensor:
     """Identity in the forward pass; multiplies the gradient by `lam` in the backward pass."""
     d = t.detach()
@@ -288,17 +356,14 @@ class Network(nn.Module):
         return max(p for p in starts_b & starts_p if p <= first)
 
     def compile_blocks(self, **options) -> Network:
-        """Compile the blocks, not the network: `torch.compile` of one function that runs a
-        block given as an argument, so blocks of one type and shape share a graph, and the plan
-        (which blocks run, in which order, deleted, scaled, gated) stays in eager Python around
-        them. One set of graphs then serves every plan: a lesion sweep or block-subset training
-        never recompiles (compiling `forward` itself guards on each plan and falls back to eager
-        after eight). `options` go to `torch.compile` (e.g. backend, mode)."""
-        self._compiled = (
-            torch.compile(_fused, **options),
-            torch.compile(_branches, **options),
-            torch.compile(_skip, **options),
-        )
+        """Compile the blocks, not the network: `torch.compile` of small functions that run a
+        block given as an argument (`_fused`, `_branches`, `_skip`), one compiled copy per kind of
+        block (`CompiledBlocks`), and the plan (which blocks run, in which order, deleted,
+        scaled, gated) stays in eager Python around them. One set of graphs then serves every
+        plan: a lesion sweep or block-subset training never recompiles (compiling `forward`
+        itself guards on each plan and falls back to eager after eight). `options` go to
+        `torch.compile` (e.g. backend, mode)."""
+        self._compiled = CompiledBlocks(**options)
         return self
 
     def scaled(self, i: int, r: Tensor, plan: Plan) -> Tensor:
@@ -316,7 +381,8 @@ class Network(nn.Module):
 
     def run_block(self, i: int, h: Tensor, plan: Plan = FULL) -> Tensor:
         block = self.blocks[i]
-        fused, branches, skip = getattr(self, "_compiled", None) or (_fused, _branches, _skip)
+        compiled = getattr(self, "_compiled", None)
+        fused, branches, skip = (_fused, _branches, _skip) if compiled is None else compiled.kernels
         if i in plan.deleted:
             return skip(block, h)
         if plan.plain or not block.has_shortcut:
