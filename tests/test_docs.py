@@ -433,6 +433,9 @@ def check_lm_lesions(command, tmp_path_factory, tmp_path):
     # GPT-NeoX's parallel layers: a path enters at most one of a layer's two branches
     longest = blocks // 2 if "model=gpt_neox" in command else blocks
     single = pd.read_csv(run / "analysis" / "delete_single.csv")
+    if "every_n_steps" in command:  # lesions across training: step 0 and the trained network's
+        assert sorted(set(single.step)) == [0, 20]
+        single = single[single.step == 20]
     assert len(single) == blocks and set(single.metric) == {"loss"}
     assert sorted(set(single.kind)) == ["attn", "mlp"]
     assert (
@@ -675,7 +678,8 @@ def check_prune(command, tmp_path_factory, tmp_path):
 
     copy = fresh_copy(tmp_path)
     short = ["callbacks.prune.max_k=2", "callbacks.prune.trials=2", "callbacks.prune.heal_steps=3"]
-    run_cli(*shortened(command), *short, "callbacks.prune.heal_ks=[2]", cwd=copy)
+    short += ["callbacks.prune.heal_ks=[2]", "callbacks.prune.export_k=2"]  # within max_k
+    run_cli(*shortened(command), *short, cwd=copy)
     sweep = sweep_dir(copy, "prune")
     rows = pd.read_csv(sweep / "0" / "analysis" / "prune.csv")
     assert set(rows.strategy) == {
@@ -690,6 +694,10 @@ def check_prune(command, tmp_path_factory, tmp_path):
     metrics = json.loads((single_run(copy, "train") / "metrics.json").read_text())
     assert metrics["n_blocks"] == 54 - len(str(greedy.deleted).split())
     assert metrics["test_error"] == pytest.approx(greedy.healed, abs=1e-6)  # float32; 1 image: 3e-3
+    summary = json.loads((sweep / "0" / "analysis" / "summary.json").read_text())
+    exported = summary["prune"]["export"]  # greedy's healed network at k=2: the same weights
+    assert exported.endswith("analysis/prune/export_greedy_k2.ckpt")
+    assert (sweep / "0" / "analysis" / "prune" / "export_greedy_k2.ckpt").is_file()
     assert_figure(sweep / "report" / "prune.png")
 
 
@@ -751,7 +759,8 @@ RULES = [
     Rule(r"python -m src\.run experiment=vit_lesions preset=quick", check_vit_lesions),
     Rule(
         r"python -m src\.run experiment=lm_lesions "
-        r"(preset=quick( model=gpt_neox)?|train=false model\.path=.*)",
+        r"(preset=quick( model=gpt_neox| callbacks\.delete_single\.every_n_steps=\d+)?"
+        r"|train=false model\.path=.*)",
         check_lm_lesions,
     ),
     Rule(

@@ -279,7 +279,10 @@ class Prune(LesionStudy):
             / self.name
             / f"export_{self.export_strategy}_k{self.export_k}"
         )
-        if getattr(net, "source", None) is not None:  # a Hugging Face model: save_pretrained
+        from src.models.adapt import library_of
+
+        source = getattr(net, "source", None)  # the model adapt() took apart
+        if source is not None and library_of(source) == "transformers":  # save_pretrained
             return str(export_hf_network(net, blocks, target))
         base = FULL if pl_module.eval_plan is None else pl_module.eval_plan
         deleted = lesion_plan(base, blocks).deleted
