@@ -31,6 +31,11 @@ def median_rise_headline(t: pd.DataFrame) -> str:
     return f"median error rise over baseline: {fmt(*mean_ci(rises.tolist()))}"
 
 
+def table_metric(t: pd.DataFrame) -> str:
+    """The metric a study's rows measure: `error` where it has values, else `loss`."""
+    return "error" if "error" in t and t["error"].notna().any() else "loss"
+
+
 def fmt(mean: float, half: float, pct: bool = True) -> str:
     """`mean ± half` (a `mean_ci`), as percentages with the half-width in points by default."""
     scale, unit = (100, "%") if pct else (1, "")

@@ -152,7 +152,7 @@ def per_run_rho(t: pd.DataFrame, score: str, metric: str) -> float:
 
 
 def headline(t: pd.DataFrame) -> str:
-    metric = "error" if "error" in t and t["error"].notna().any() else "loss"
+    metric = stats.table_metric(t)
     if metric not in t:
         return "scores only (no deletions measured)"
     parts = []

@@ -29,7 +29,7 @@ from typing import Annotated, Literal
 
 import pandas as pd
 
-from src import figures
+from src import figures, stats
 from src.analysis.base import LesionStudy
 from src.engines import prune as search
 from src.engines.importance import SCORES, block_scores
@@ -299,7 +299,7 @@ def best_per_k(rows: pd.DataFrame, metric: str) -> dict:
 
 
 def headline(t: pd.DataFrame) -> str:
-    metric = "error" if "error" in t and t["error"].notna().any() else "loss"
+    metric = stats.table_metric(t)
     k = int(t.k.max())
     at = t[t.k == k].groupby("strategy")[metric].mean().sort_values()
     scale, unit = (100, "%") if metric == "error" else (1, "")
