@@ -33,6 +33,7 @@ import pandas as pd
 from src import figures, results, stats
 from src.claims import markdown as markdown_claims
 from src.claims import table as claims_table
+from src.distributed import merge_shards
 from src.errors import ConfigError
 from src.stats import fmt
 from src.studies import registry
@@ -235,6 +236,8 @@ def report(path: str | Path, out: str | Path | None = None, alpha: float = 0.05)
         raise ConfigError(f"alpha={alpha} must lie in (0, 1)")
     path = Path(path)
     runs, tables = results.runs(path), results.load(path)
+    merges = [s.merge for s in registry().values() if s.merge is not None]
+    runs, tables = merge_shards(runs, tables, merges)  # the shards of a study: one table
     if runs.empty and tables.empty:
         raise ConfigError(
             f"no finished run (metrics.json) or analysis table under {path}: pass a run or "

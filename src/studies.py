@@ -37,6 +37,10 @@ class Study:
                  beside our measurement in the report.
     claims:      src/claims.py `Claim`s measured on this study's tables (the claims table).
     section:     the paper's section, the report's order (None: beyond the paper, last).
+    merge:       how the report turns the tables of one run's shards (`shard=i/n`; {table:
+                 rows of every shard, in item order}) into those the unsharded run writes
+                 (src/distributed.py); None: they are those tables already (one row per item,
+                 as the lesion studies' plans).
     """
 
     name: str
@@ -48,6 +52,7 @@ class Study:
     claim: str | None = None
     claims: tuple = ()
     section: str | None = None
+    merge: Callable[[dict], dict] | None = None
 
     def figure(self, metric: str) -> Callable:
         """The figure of a table measured in `metric`: its own, else the study's first (of the

@@ -30,6 +30,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from src import results
+from src.distributed import Part, Shard, evaluate, parse_shard
 from src.engines.lesion import check_metric, parse_memory
 from src.errors import ConfigError
 from src.models.network import FULL, Network, Plan
@@ -105,11 +106,16 @@ def as_tested(trainer: L.Trainer, pl_module: L.LightningModule) -> Iterator[None
         yield
 
 
-EVERY_N_STEPS = inspect.Parameter(
-    "every_n_steps",
-    inspect.Parameter.KEYWORD_ONLY,
-    default=None,
-    annotation=Annotated[int, POSITIVE] | None,
+# the keywords every analysis takes, whatever its own constructor says (AnalysisCallback
+# adds them to a subclass's signature, where src/schema.py finds them)
+COMMON = (
+    inspect.Parameter(
+        "every_n_steps",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[int, POSITIVE] | None,
+    ),
+    inspect.Parameter("shard", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=str | None),
 )
 
 
@@ -124,24 +130,35 @@ def _check_every(every_n_steps, name: str) -> int | None:
     return int(every_n_steps)
 
 
-def _taking_every_n_steps(init: Callable) -> Callable:
-    """`init` with the keyword `every_n_steps` that every analysis takes (set after `init` ran),
-    declared in its signature and annotations (src/schema.py checks config keys against them)."""
+def _common(self, every_n_steps, shard) -> None:
+    self.every_n_steps = _check_every(every_n_steps, self.name)
+    self.shard = parse_shard(shard, self.name)
+    if not self.shard.whole and not self.shardable:
+        raise ConfigError(
+            f"{self.name} cannot be cut into shards (its results are not a union of independent "
+            f"rows): run it whole (leave {self.name}.shard null); "
+            + ("under trainer=ddp it still splits across the ranks" if self.splits else "")
+        )
+
+
+def _taking_common_keys(init: Callable) -> Callable:
+    """`init` with the keywords every analysis takes (`COMMON`, set after `init` ran), declared
+    in its signature and annotations (src/schema.py checks config keys against them)."""
 
     @functools.wraps(init)
-    def __init__(self, *args, every_n_steps: int | None = None, **kwargs):
-        init(self, *args, **kwargs)
-        self.every_n_steps = _check_every(every_n_steps, self.name)
+    def __init__(self, *args, every_n_steps: int | None = None, shard: str | None = None, **kw):
+        init(self, *args, **kw)
+        _common(self, every_n_steps, shard)
 
     signature = inspect.signature(init)
     ps = list(signature.parameters.values())
     at = next((i for i, p in enumerate(ps) if p.kind == p.VAR_KEYWORD), len(ps))
-    __init__.__signature__ = signature.replace(parameters=[*ps[:at], EVERY_N_STEPS, *ps[at:]])
+    __init__.__signature__ = signature.replace(parameters=[*ps[:at], *COMMON, *ps[at:]])
     __init__.__annotations__ = {
         **getattr(init, "__annotations__", {}),
-        "every_n_steps": EVERY_N_STEPS.annotation,
+        **{p.name: p.annotation for p in COMMON},
     }
-    __init__.takes_every_n_steps = True
+    __init__.takes_common_keys = True
     return __init__
 
 
@@ -160,8 +177,12 @@ class AnalysisCallback(Callback):
     leaves training as it was: flags, device, batch-norm buffers and every random generator are
     restored, so the weights end bit-identical to a run without it.
 
-    Under DDP the analysis runs on global rank 0 only, as plain PyTorch on `pl_module.net` (no
-    collective calls), so its results equal a single-process run; the other ranks wait.
+    Under DDP a study that `splits` runs on every rank, each computing its `part()` of the
+    work (src/distributed.py: plans, path chunks, test batches, balanced by cost) as plain
+    PyTorch on `pl_module.net`; the ranks gather the results and rank 0 records them, equal bit
+    for bit to a single-process run. Other studies run on global rank 0 only (the others wait).
+    `shard=i/n` (a `shardable` study): this job computes the i-th of n parts and writes only
+    its rows (`shard`, `item` columns); the sweep's report merges the n jobs' tables.
     Lightning calls `on_test_end` under inference mode; the analysis runs outside it, so that a
     study that moves the network (`net.to(device)`) leaves ordinary parameters behind, not
     inference tensors that a later analysis could not differentiate through.
@@ -169,25 +190,37 @@ class AnalysisCallback(Callback):
 
     name = "analysis"
     every_n_steps: int | None = None
+    shard: Shard = Shard()
+    splits = False  # True: every rank runs `analyse` on its `part()` of the work (see above)
+    shardable = False  # True: `shard=i/n` computes one of n parts, merged by the report
     _fit_step: int | None = None  # the optimizer step of the last mid-fit analysis
     _in_fit = False  # a mid-fit analysis is running
 
-    def __init__(self, every_n_steps: int | None = None):
-        self.every_n_steps = _check_every(every_n_steps, self.name)
+    def __init__(self, every_n_steps: int | None = None, shard: str | None = None):
+        _common(self, every_n_steps, shard)
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
         init = cls.__dict__.get("__init__")
-        if init is not None and not getattr(init, "takes_every_n_steps", False):
+        if init is not None and not getattr(init, "takes_common_keys", False):
             if "every_n_steps" not in inspect.signature(init).parameters:
-                cls.__init__ = _taking_every_n_steps(init)
+                cls.__init__ = _taking_common_keys(init)
 
     def analysis_dir(self, trainer: L.Trainer) -> Path:
         return Path(trainer.default_root_dir) / "analysis"
 
+    def runs_here(self, trainer: L.Trainer) -> bool:
+        """Whether this rank runs `analyse`: every rank for a study that splits, else rank 0."""
+        return self.splits or trainer.is_global_zero
+
+    def part(self) -> Part:
+        """This process's share of the study's work: its shard, and its rank's part of it
+        (src/distributed.py); the whole study in one process."""
+        return Part.here(self.shard) if self.splits else Part(self.shard)
+
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:
-            with torch.inference_mode(False):
+        if self.runs_here(trainer):
+            with torch.inference_mode(False), self.quiet(not trainer.is_global_zero):
                 self.analyse(trainer, pl_module)
         trainer.strategy.barrier("analysis")
 
@@ -206,7 +239,7 @@ class AnalysisCallback(Callback):
         """`analyse` on the current weights at step `trainer.global_step`, on rank 0, with the
         network as tested; training's state is put back afterwards (see the class docstring)."""
         self._fit_step = trainer.global_step
-        if trainer.is_global_zero:
+        if self.runs_here(trainer):
             self._in_fit, start = True, time.monotonic()
             try:
                 with untouched(pl_module.net), as_tested(trainer, pl_module), self.quiet():
@@ -217,9 +250,10 @@ class AnalysisCallback(Callback):
         trainer.strategy.barrier("analysis")
 
     @contextmanager
-    def quiet(self) -> Iterator[None]:
-        """No progress bar of its own while Lightning's training bar is live."""
-        had = "progress" in vars(self)
+    def quiet(self, when: bool = True) -> Iterator[None]:
+        """No progress bar of its own while Lightning's training bar is live (or on a rank
+        other than 0)."""
+        had = "progress" in vars(self) and when
         old = vars(self).get("progress")
         if had:
             self.progress = False
@@ -258,11 +292,19 @@ class AnalysisCallback(Callback):
         `metric`: what the table's value column measures (the `metric` metadata column; None:
         error). The table on disk gathers every step's rows (`step`); a figure function draws
         the latest step's, unless it draws several steps itself (src/studies.py `step_figure`).
-        Returns this call's rows."""
+        Returns this call's rows. Only rank 0 writes. A shard (`shard=i/n`) writes its rows
+        with the `shard` column (and the `item` column its rows carry) and a summary that says
+        which shard it is; no figure: the sweep's report merges the shards and draws it."""
         study = study or self.name
         meta = run_meta(trainer, pl_module) | ({"metric": metric} if metric else {})
         meta["step"] = self.step(trainer, pl_module)
         table = results.tidy(study, rows, meta)
+        if not getattr(trainer, "is_global_zero", True):
+            return table
+        if not self.shard.whole:
+            table["shard"] = str(self.shard)
+            kept = {k: v for k, v in (summary or {}).items() if k in BASELINE_KEYS}
+            summary, figure = {"shard": str(self.shard), "rows": len(table), **kept}, None
         out = self.analysis_dir(trainer)
         steps = results.with_earlier_steps(out / study, table)
         label = self.run_label(pl_module)
@@ -310,6 +352,7 @@ class LesionStudy(AnalysisCallback):
     BN_MODES = ("eval", "recalibrate")
 
     name = "lesion"
+    splits = shardable = True  # its plans: independent, each evaluated alone
 
     def __init__(
         self,
@@ -405,15 +448,40 @@ class LesionStudy(AnalysisCallback):
         the baselines, label and bn mode are added by `analyse`."""
         return {}
 
+    def cost(self, net: Network, base: Plan, plan: Plan) -> int:
+        """The blocks a plan's evaluation runs (with the head): from its restart position with
+        the reusing engine, all of them for a fresh forward (reuse=false, bn=recalibrate)."""
+        n = len(plan.sequence(net.n_blocks)) + 1
+        if not self.reuse or self.bn == "recalibrate":
+            return n
+        start = net.restart(base, plan)
+        return 1 if start is None else n - start
+
     def analyse(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        net = pl_module.net
         base = FULL if pl_module.eval_plan is None else pl_module.eval_plan
-        lesions = self.lesions(pl_module.net, base)  # checked in `setup`, before training
+        lesions = self.lesions(net, base)  # checked in `setup`, before training
         metric = self.measure(pl_module)
-        baseline, values = self.evaluate(trainer, pl_module, [plan for _, plan in lesions])
-        rows = pd.DataFrame([{**row, metric: v} for (row, _), v in zip(lesions, values)])
+        plans = [plan for _, plan in lesions]
+        part = self.part()
+        costs = [self.cost(net, base, plan) for plan in plans]
+
+        def compute(items: list[int]) -> dict:  # this rank's plans, and the baseline
+            baseline, values = self.evaluate(trainer, pl_module, [plans[i] for i in items])
+            return {"baseline": baseline, **dict(zip(items, values, strict=True))}
+
+        got = evaluate(part, costs, compute)
+        item = not part.shard.whole  # a shard's rows say which of the study's rows they are
+        rows = pd.DataFrame(
+            [
+                {**lesions[i][0], **({"item": i} if item else {}), metric: got[i]}
+                for i in part.shard_items(costs)
+            ]
+        )
+        baseline = got["baseline"]
         rows = self.values(rows, metric, baseline)
         summary = {
-            **self.summarise(rows, metric, baseline),
+            **(self.summarise(rows, metric, baseline) if part.shard.whole else {}),
             **self.baselines(metric, baseline),
             "label": self.run_label(pl_module),
             "bn": self.bn,

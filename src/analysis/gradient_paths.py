@@ -18,10 +18,11 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 
-from src import claims, figures
+from src import claims, figures, results
 from src.analysis.base import AnalysisCallback
 from src.analysis.path_stats import check_share, shortest_window
 from src.data.datamodules import batches
+from src.distributed import evaluate
 from src.engines.decomposition import decompose
 from src.engines.paths import (
     BN_MODES,
@@ -30,6 +31,7 @@ from src.engines.paths import (
     as_input,
     check_residual,
     gradient_plan,
+    path_chunks,
     path_counts,
     path_grad_norms,
     prepared,
@@ -53,6 +55,7 @@ class GradientPaths(AnalysisCallback):
     """
 
     name = "gradient_paths"
+    splits = shardable = True  # the engine's chunks of paths: each one's norms its own
 
     def __init__(
         self,
@@ -143,15 +146,60 @@ class GradientPaths(AnalysisCallback):
             trainer.datamodule, self.split, pl_module.device, train=False, seed=int(self.seed)
         )
         held = [xy for _, xy in zip(range(int(self.batches)), data)]  # fewer if the split is small
-        norms = torch.empty(len(sampled), dtype=torch.float64)
-        for b, (x, y) in enumerate(held):
-            x = as_input(x, dtype)
-            idx = list(range(b, len(sampled), len(held)))
-            paths = [sampled[j][1] for j in idx]
-            got = path_grad_norms(
-                measured, x, y, paths, self.wrt, self.engine, int(self.chunk), plan
+        # the work items: the engine's chunks of each batch's paths (their cost: the branches
+        # their paths enter), and the exact decomposition (n(n+1)/2 branch VJPs on batch 0)
+        seq = gradient_plan(plan).sequence(n)
+        per_batch = [list(range(b, len(sampled), len(held))) for b in range(len(held))]
+        walks = [
+            path_chunks(seq, [sampled[j][1] for j in idx], int(self.chunk)) for idx in per_batch
+        ]
+        units = [(b, c) for b, walk in enumerate(walks) for c in range(len(walk))]
+        costs = [1 + sum(len(sampled[per_batch[b][j]][1]) for j in walks[b][c]) for b, c in units]
+        if self.decomposition:
+            units.append(("decomposition", None))
+            costs.append(n * (n + 1) // 2)
+
+        def compute(items: list[int]) -> dict:
+            out, mine = {}, {}
+            for u in items:
+                b, c = units[u]
+                if b == "decomposition":
+                    x, y = as_input(held[0][0], dtype), held[0][1]
+                    out[b] = self.exact_norms(measured, x, y, plan)
+                else:
+                    mine.setdefault(b, []).append(c)
+            for b, cs in mine.items():
+                x, y = as_input(held[b][0], dtype), held[b][1]
+                paths = [sampled[j][1] for j in per_batch[b]]
+                got = path_grad_norms(
+                    measured, x, y, paths, self.wrt, self.engine, int(self.chunk), plan, cs
+                )
+                out |= {per_batch[b][j]: float(got[j]) for c in cs for j in walks[b][c]}
+            return out
+
+        part = self.part()
+        got = evaluate(part, costs, compute)
+        shard = sorted(
+            j
+            for u in part.shard_items(costs)
+            if units[u][0] != "decomposition"
+            for j in (per_batch[units[u][0]][i] for i in walks[units[u][0]][units[u][1]])
+        )
+        if not part.shard.whole:  # one row per path: the report merges them (`merge`)
+            rows = pd.DataFrame(
+                {
+                    "item": shard,
+                    "length": [sampled[j][0] for j in shard],
+                    "grad_norm": [got[j] for j in shard],
+                    "paths": [float(counts[sampled[j][0]]) for j in shard],
+                }
             )
-            norms[idx] = got.to(norms)
+            if "decomposition" in got:
+                exact = exact_table(got["decomposition"], counts, {}).assign(item=range(n + 1))
+                self.record(trainer, pl_module, exact, study="path_decomposition", metric=GRAD)
+            self.record(trainer, pl_module, rows, metric=GRAD)
+            return
+        norms = torch.tensor([got[j] for j in range(len(sampled))], dtype=torch.float64)
         rows = length_stats([k for k, _ in sampled], norms.tolist())
         rows["paths"] = [float(counts[k]) for k in rows.length]  # paths of that length
         fit = fit_decay(rows.length, rows.grad_norm_mean)
@@ -179,8 +227,8 @@ class GradientPaths(AnalysisCallback):
         }
         exact = None
         if self.decomposition:
-            x, y = as_input(held[0][0], dtype), held[0][1]
-            exact = self.decomposition_table(measured, x, y, rows, plan, counts)
+            mean = dict(zip(rows.length, rows.grad_norm_mean))
+            exact = exact_table(got["decomposition"], counts, mean)
             norms = exact.grad_norm_exact.tolist()
             e_lo, e_hi = shortest_window(norms, self.share)
             full = exact.attrs["full_grad_norm"]
@@ -194,21 +242,51 @@ class GradientPaths(AnalysisCallback):
         fig = figures.gradient_paths(counts, rows, fit, totals, (lo, hi), exact)
         self.record(trainer, pl_module, rows, summary, fig, metric=GRAD)
 
-    def decomposition_table(self, net, x, y, rows: pd.DataFrame, plan, counts) -> pd.DataFrame:
-        """Exact ||G_k|| per length k beside Fig 6c's estimate counts[k] x mean path norm."""
-        n = net.n_blocks
+    def exact_norms(self, net, x, y, plan) -> tuple[list[float], float]:
+        """Exact ||G_k|| per length k = 0..n on (x, y), and the full gradient's norm."""
         g = decompose(net, x, y, self.wrt, self.bn, plan=plan)
+        return [float(g[k].norm()) for k in range(net.n_blocks + 1)], float(g.sum(0).norm())
+
+
+def exact_table(exact: tuple[list[float], float], counts, mean: dict) -> pd.DataFrame:
+    """Exact ||G_k|| per length k beside Fig 6c's estimate counts[k] x mean path norm (`mean`:
+    length -> mean sampled norm; a length it lacks: NaN)."""
+    norms, full = exact
+    table = pd.DataFrame(
+        {
+            "length": list(range(len(norms))),
+            "count": [str(c) for c in counts],  # exact: C(96, 48) > 2^63
+            "grad_norm_exact": norms,
+            "count_x_mean_norm": [c * mean.get(k, math.nan) for k, c in enumerate(counts)],
+        }
+    )
+    table.attrs["full_grad_norm"] = full
+    return table
+
+
+def merge(tables: dict) -> dict:
+    """The shards' per-path rows (`shard=i/n`) as the unsharded tables: the statistics per
+    length, in path order as one process computes them, and Fig 6c's estimate beside the exact
+    decomposition."""
+    t = tables.get("gradient_paths")
+    if t is None or "grad_norm" not in t:
+        return tables
+    rows = length_stats(t.length.astype(int).tolist(), t.grad_norm.tolist())
+    paths = t.groupby("length").paths.first()
+    rows["paths"] = [float(paths[k]) for k in rows.length]
+    front = [c for c in t.columns if c in results.META or c in ("run_dir", "shard")]
+    meta = t[front].iloc[[0] * len(rows)].reset_index(drop=True)
+    tables = dict(tables, gradient_paths=pd.concat([meta, rows], axis=1))
+    exact = tables.get("path_decomposition")
+    if exact is not None:
         mean = dict(zip(rows.length, rows.grad_norm_mean))
-        table = pd.DataFrame(
-            {
-                "length": list(range(n + 1)),
-                "count": [str(c) for c in counts],  # exact: C(96, 48) > 2^63
-                "grad_norm_exact": [float(g[k].norm()) for k in range(n + 1)],
-                "count_x_mean_norm": [c * mean.get(k, math.nan) for k, c in enumerate(counts)],
-            }
+        exact = exact.assign(
+            count_x_mean_norm=[
+                int(c) * mean.get(int(k), math.nan) for k, c in zip(exact.length, exact["count"])
+            ]
         )
-        table.attrs["full_grad_norm"] = float(g.sum(0).norm())
-        return table
+        tables["path_decomposition"] = exact
+    return tables
 
 
 def headline(t: pd.DataFrame) -> str:
@@ -275,4 +353,5 @@ STUDY = Study(
         ),
     ),
     section="5",
+    merge=merge,
 )

@@ -27,7 +27,15 @@ import pandas as pd
 
 from src import figures, stats
 from src.analysis.base import LesionStudy
-from src.engines.importance import SCORES, Scores, block_scores, column_means, spearman_ci
+from src.distributed import gather
+from src.engines.importance import (
+    SCORES,
+    Scores,
+    batch_scores,
+    column_means,
+    combine,
+    spearman_ci,
+)
 from src.errors import ConfigError
 from src.models.network import FULL, Network
 from src.schema import NON_NEGATIVE, POSITIVE, Range
@@ -68,6 +76,7 @@ class Importance(LesionStudy):
     correlations); resamples, level, seed: the bootstrap over test examples."""
 
     name = "importance"
+    shardable = False  # its correlations need every example's scores in one place
 
     def __init__(
         self,
@@ -100,7 +109,8 @@ class Importance(LesionStudy):
         base = FULL if pl_module.eval_plan is None else pl_module.eval_plan
         metric = self.measure(pl_module)
         device = self.device or pl_module.device
-        scored = block_scores(
+        part = self.part()  # under DDP: the test batches round-robin over the ranks
+        pieces = batch_scores(
             net,
             batches(trainer.datamodule, "test", device=device),
             base,
@@ -109,7 +119,9 @@ class Importance(LesionStudy):
             max_run=self.max_run,
             deletions=self.deletions,
             reuse=self.reuse,
+            owned=lambda b: b % part.ranks == part.rank,
         )
+        scored = combine(net, base, gather(pieces, part.ranks), self.max_run)
         baseline = float(scored.base.mean())
         rows = score_rows(net, scored, metric)
         summary = {**self.baselines(metric, baseline), "label": self.run_label(pl_module)}

@@ -63,6 +63,7 @@ class Prune(LesionStudy):
     error of a trained network on training batches is mostly 0, a tie for most deletions)."""
 
     name = "prune"
+    splits = shardable = False  # greedy search is sequential; healing and export run once (rank 0)
 
     def __init__(
         self,

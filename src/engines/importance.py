@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -178,48 +178,90 @@ def block_scores(
     `batches`; with `deletions`, each block's single deletion measured per example too (the
     lesion engine's prefix reuse with `reuse`). `max_run`: the longest run of Gromov's angular
     distance (None: half the steps)."""
+    pieces = batch_scores(net, batches, base, device, metric, max_run, deletions, reuse)
+    return combine(net, base, pieces, max_run)
+
+
+def _max_run(net: Network, base: Plan, max_run: int | None) -> int:
+    return max(1, len(net.steps(base)) // 2) if max_run is None else int(max_run)
+
+
+def batch_scores(
+    net: Network,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    base: Plan | None = None,
+    device: torch.device | str | None = None,
+    metric: str = "error",
+    max_run: int | None = None,
+    deletions: bool = True,
+    reuse: bool = True,
+    owned: Callable[[int], bool] | None = None,
+) -> dict[int, dict]:
+    """`block_scores`' measurements per test batch ({batch index: piece}), of the batches
+    `owned` takes (None: all; the others are read, not computed): a batch's piece depends on
+    that batch alone, so batches can be scored apart (across ranks) and `combine`d."""
     check_metric(metric)
     base = FULL if base is None else base
     check_plans(net, [base])
-    n_steps = len(net.steps(base))
-    max_run = max(1, n_steps // 2) if max_run is None else int(max_run)
+    max_run = _max_run(net, base, max_run)
     seq = base.sequence(net.n_blocks)
-    steps = net.steps(base)
-    first = [seq[s[0]] for s in steps] + [None]
-    last = [seq[s[-1]] for s in steps]
-    scores: dict[str, list] = {k: [] for k in SCORES}
-    base_values, deleted_values, blocks = [], [], None
-    run_sums: dict[tuple[int, int], float] = {}
-    total = 0
+    pieces = {}
     with eval_mode(net, device) as dev:
         for b, (x, y) in enumerate(batches):
+            if owned is not None and not owned(b):
+                continue
             x, y = x.to(dev), y.to(dev)
             logits, per_block, runs = scored_pass(net, x, base, max_run)
             if b == 0:
                 check_equal(net, logits, x, base)
-                blocks = [i for i in seq if i in per_block]
-            for k in SCORES:
-                scores[k].append(torch.stack([per_block[i][k] for i in blocks], 1).cpu())
-            for key, v in runs.items():
-                run_sums[key] = run_sums.get(key, 0.0) + float(v.sum())
-            total += len(y)
+            blocks = [i for i in seq if i in per_block]
+            piece = {
+                "blocks": blocks,
+                "n": len(y),
+                "scores": {
+                    k: torch.stack([per_block[i][k] for i in blocks], 1).cpu() for k in SCORES
+                },
+                "runs": {key: float(v.sum()) for key, v in runs.items()},
+                "deleted": None,
+            }
             if deletions:
                 plans = [lesion_plan(base, [i]) for i in blocks]
                 values = [
                     per_example_metric(metric, out, y)
                     for out in lesion_logits(net, x, plans, base, reuse)
                 ]
-                base_values.append(values[0].cpu())
-                deleted_values.append(torch.stack(values[1:], 1).cpu())
+                piece["base"] = values[0].cpu()
+                piece["deleted"] = torch.stack(values[1:], 1).cpu()
             else:
-                base_values.append(per_example_metric(metric, logits, y).cpu())
-    if total == 0:
+                piece["base"] = per_example_metric(metric, logits, y).cpu()
+            pieces[b] = piece
+    return pieces
+
+
+def combine(
+    net: Network, base: Plan | None, pieces: dict[int, dict], max_run: int | None = None
+) -> Scores:
+    """The `Scores` of every batch's piece, in batch order (the sums of the runs' distances
+    accumulated in that order, as one pass over the batches does)."""
+    base = FULL if base is None else base
+    if not pieces or sum(p["n"] for p in pieces.values()) == 0:
         raise ConfigError("the test split is empty: nothing to score blocks on")
+    seq = base.sequence(net.n_blocks)
+    steps = net.steps(base)
+    first = [seq[s[0]] for s in steps] + [None]
+    last = [seq[s[-1]] for s in steps]
+    order = [pieces[b] for b in sorted(pieces)]
+    run_sums: dict[tuple[int, int], float] = {}
+    for piece in order:
+        for key, v in piece["runs"].items():
+            run_sums[key] = run_sums.get(key, 0.0) + v
+    total = sum(p["n"] for p in order)
+    deletions = order[0]["deleted"] is not None
     return Scores(
-        blocks=blocks,
-        scores={k: torch.cat(v).numpy() for k, v in scores.items()},
-        base=torch.cat(base_values).numpy(),
-        deleted=torch.cat(deleted_values).numpy() if deletions else None,
+        blocks=order[0]["blocks"],
+        scores={k: torch.cat([p["scores"][k] for p in order]).numpy() for k in SCORES},
+        base=torch.cat([p["base"] for p in order]).numpy(),
+        deleted=torch.cat([p["deleted"] for p in order]).numpy() if deletions else None,
         runs={(first[a], last[a + m - 1], m): s / total for (a, m), s in run_sums.items()},
     )
 

@@ -196,9 +196,7 @@ class BlockVJPs:
         return entered[0] if entered else None
 
     def trie_order(self, paths: Sequence[frozenset[int]]) -> list[int]:
-        """Path indices in the lexicographic order of their choices from the output down."""
-        top_down = list(reversed(self.sequence))
-        return sorted(range(len(paths)), key=lambda j: [i in paths[j] for i in top_down])
+        return trie_order(self.sequence, paths)
 
     def through_residual(self, t: int, i: int, gs: list[Tensor]) -> list[Tensor]:
         return _vjp(self.enter[t][i], self.inputs[t], gs, self.batched)
@@ -348,6 +346,20 @@ def sample_paths(
     return out
 
 
+def trie_order(sequence: Sequence[int], paths: Sequence[frozenset[int]]) -> list[int]:
+    """Path indices in the lexicographic order of their choices from the output down (the
+    order the fast engine walks them in, `chunk` at a time; it depends on the plan only)."""
+    top_down = list(reversed(sequence))
+    return sorted(range(len(paths)), key=lambda j: [i in paths[j] for i in top_down])
+
+
+def path_chunks(sequence: Sequence[int], paths: Sequence[frozenset[int]], chunk: int) -> list:
+    """The fast engine's chunks of `paths` (lists of path indices), in the order it walks them:
+    each chunk's norms depend on its own paths only, so chunks can be computed apart."""
+    order = trie_order(sequence, paths)
+    return [order[c : c + chunk] for c in range(0, len(order), chunk)]
+
+
 def path_grad_norms(
     net: Network,
     x: Tensor,
@@ -357,20 +369,23 @@ def path_grad_norms(
     engine: str = "fast",
     chunk: int = 128,
     plan: Plan | None = None,
+    chunks: Sequence[int] | None = None,
 ) -> Tensor:
     """Norm of each path's gradient on the batch (x, y) under the eval plan `plan` (None: the full
-    network), by the chosen engine, in path order."""
-    if engine == "straightforward":
-        return torch.stack(
-            [straightforward_path_grad(net, x, y, p, wrt, plan).double().norm() for p in paths]
-        )
-    if engine != "fast":
+    network), by the chosen engine, in path order. `chunks`: only the fast engine's chunks with
+    these indices (`path_chunks`; the other paths' norms are NaN); None: every path."""
+    if engine not in ("fast", "straightforward"):
         raise ConfigError(f"engine={engine!r}: choose 'fast' or 'straightforward'")
+    walk = path_chunks(gradient_plan(plan).sequence(net.n_blocks), paths, chunk)
+    chunks = range(len(walk)) if chunks is None else chunks
+    norms = torch.full((len(paths),), math.nan, dtype=torch.float64)
+    if engine == "straightforward":  # each path alone
+        for j in (j for c in chunks for j in walk[c]):
+            norms[j] = straightforward_path_grad(net, x, y, paths[j], wrt, plan).double().norm()
+        return norms
     vjps = BlockVJPs(net, x, y, wrt, plan=plan)
-    order = vjps.trie_order(paths)
-    norms = torch.empty(len(paths), dtype=torch.float64)
-    for c in range(0, len(paths), chunk):
-        idx = order[c : c + chunk]
+    for c in chunks:
+        idx = walk[c]
         grads = vjps.path_grads([paths[j] for j in idx]).flatten(1)
         norms[idx] = grads.double().norm(dim=1).cpu()  # squares of tiny float32s underflow
     return norms

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Sec. 5 and Fig. 5a against training length (issue 21, part 2): on digits (quick preset,
+# ResNet-110's 54 blocks) at 400, 1,600 and 6,400 steps, the preset's schedule shape stretched
+# (warm-up 5%, lr/10 at 50% and 75%), 23-of-54 block-subset training vs full training (k = 54),
+# seeds 0-4, the two arms of a seed paired. Every block-subset checkpoint is then tested under
+# every other test-time rule, and every full-training checkpoint gets Fig. 5a (delete_many) with
+# trained (bn=eval, during the sweep) and re-estimated (bn=recalibrate) statistics.
+#   bash experiments/sec5_schedule.sh [steps ...]          # default: 400 1600 6400
+#   PRESET=medium SEEDS=0,1,2 bash experiments/sec5_schedule.sh 700 2800    # Fashion-MNIST
+# Each length lands in outputs/sec5_schedule/<preset>_<steps>/ (train/: the trainings, retest/:
+# the train=false re-tests); `python -m src.report outputs/sec5_schedule/<preset>_<steps>` rebuilds its report,
+# and `python experiments/sec5_schedule.py` the figure and table across lengths.
+# One thread per run (OMP_NUM_THREADS=1): runs side by side on a shared 2-core box.
+set -euo pipefail
+PRESET=${PRESET:-quick}
+SEEDS=${SEEDS:-0,1,2,3,4}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1
+STEPS=("$@"); [ ${#STEPS[@]} -gt 0 ] || STEPS=(400 1600 6400)
+# run <dir> <overrides...>: one run in <dir>; skipped once finished (metrics.json), resumed when
+# an earlier session was cut off mid-training (the script can be started again at any time)
+run() {
+  local dir=$1; shift
+  if [ -f "$dir/metrics.json" ]; then return; fi
+  local again=(); [ -d "$dir/checkpoints" ] && again=(resume=true)
+  python -m src.run "$@" "${again[@]}" hydra.run.dir="$dir"
+}
+for L in "${STEPS[@]}"; do
+  root=outputs/sec5_schedule/${PRESET}_${L}
+  sched=(trainer.max_steps="$L" "optim.milestones=[$((L / 2)),$((3 * L / 4))]" optim.warmup_steps=$((L / 20)))
+  for seed in ${SEEDS//,/ }; do
+    for k in 23 54; do  # k = 54 of 54: every block every step (full training)
+      run "$root/train/k${k}_seed$seed" experiment_name=effective_paths preset="$PRESET" \
+        model=resnet110 training=block_subset training.k=$k seed="$seed" "${sched[@]}" \
+        +lesion@callbacks.delete_many=delete_many
+    done
+    ckpt=$root/train/k23_seed$seed/checkpoints/last.ckpt
+    for rule in rescale recalibrate ensemble; do
+      run "$root/retest/k23_seed${seed}_$rule" train=false ckpt_path="$ckpt" \
+        training=block_subset training.test_mode=$rule
+    done
+    run "$root/retest/k54_seed${seed}_delete_many_recalibrate" train=false \
+      ckpt_path="$root/train/k54_seed$seed/checkpoints/last.ckpt" \
+      +lesion@callbacks.delete_many=delete_many callbacks.delete_many.bn=recalibrate
+  done
+  python -m src.report "$root"
+done
