@@ -43,6 +43,11 @@ def validate(cfg: DictConfig) -> None:
             "train=false needs a checkpoint to analyse: add ckpt_path=<file.ckpt> (or, for a "
             "pretrained Hugging Face model, model=hf_causal_lm model.path=<its directory>)"
         )
+    if cfg.train and cfg.model.get("device_map") is not None:
+        raise ConfigError(
+            "model.device_map spreads a model over devices for analysis only: add train=false "
+            "(train on one device or with DDP, then analyse the checkpoint or model.path)"
+        )
     check_device(cfg)
 
 

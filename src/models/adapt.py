@@ -134,13 +134,23 @@ def describe(model: nn.Module) -> str:
 def adapt(model: nn.Module, verify: bool = True, **options) -> Network:
     """`model` as a `Network` sharing its modules, verified against the model's own forward
     (`verify=False` skips the check: for tests of the check itself, never for analyses).
-    `options` go to the family's adapter (e.g. granularity="layer")."""
+    `options` go to the family's adapter (e.g. granularity="layer"). A Hugging Face model that
+    accelerate's device_map spread over several devices runs its blocks where they lie
+    (`hf_adapters.place`), verified the same way."""
     family = family_of(model)
     net = family.build(model, **options)
     net.inputs = "tokens" if family.library == "transformers" else "images"
     # the model itself, not registered as a submodule (no second copy in the state dict):
     # src/export.py saves a Hugging Face model with layers removed from it
     object.__setattr__(net, "source", model)
+    devices = {p.device for p in model.parameters()}
+    if len(devices) > 1:  # spread over devices by accelerate's device_map (model.device_map)
+        if family.library != "transformers":
+            raise ConfigError(
+                f"{describe(model)} lies on {len(devices)} devices: only a Hugging Face causal "
+                "LM runs spread over devices (model.device_map); put the model on one device"
+            )
+        importlib.import_module(LIBRARIES["transformers"]).place(net)  # refuses an offload
     if verify:
         check_equal(net, model)
     return net

@@ -21,7 +21,8 @@ length.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -42,9 +43,10 @@ MASKS = {
 
 class LMContext:
     """Causal mask (per attention type), position ids, rotary (cos, sin) and `extra` attention
-    inputs for one hidden-state shape, computed on first use and kept until a hidden state of
-    another (B, T, dtype, device, mode) arrives. `rotary_by_type`: the rotary embedding takes the
-    layer type (Gemma-3's local and global RoPE); `extra(h, pos)` gives more keyword inputs."""
+    inputs for one hidden-state shape, computed on first use (once per device the hidden state
+    arrives on) and kept until a hidden state of another (B, T, dtype, mode) arrives.
+    `rotary_by_type`: the rotary embedding takes the layer type (Gemma-3's local and global
+    RoPE); `extra(h, pos)` gives more keyword inputs."""
 
     def __init__(
         self,
@@ -58,10 +60,11 @@ class LMContext:
         self._key, self._kwargs = None, {}
 
     def __call__(self, h: Tensor, layer_type: str = "full_attention") -> dict:
-        key = (tuple(h.shape[:2]), h.dtype, h.device, torch.is_inference_mode_enabled())
+        key = (tuple(h.shape[:2]), h.dtype, torch.is_inference_mode_enabled())
         if key != self._key:
             self._key, self._kwargs = key, {}
-        if layer_type not in self._kwargs:
+        slot = (h.device, layer_type)  # one set per device: blocks spread by a device_map
+        if slot not in self._kwargs:
             pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
             # (config, inputs_embeds, attention_mask, cache, position_ids): no padding, no cache
             kwargs = {"attention_mask": MASKS[layer_type](self.config, h, None, None, pos)}
@@ -71,8 +74,18 @@ class LMContext:
                 kwargs["position_embeddings"] = self.rotary(h, pos, *by_type)
             if self.extra is not None:
                 kwargs.update(self.extra(h, pos))
-            self._kwargs[layer_type] = kwargs
-        return self._kwargs[layer_type]
+            # a dispatched rotary embedding answers on its own device: bring it to h's
+            self._kwargs[slot] = {k: _to(v, h.device) for k, v in kwargs.items()}
+        return self._kwargs[slot]
+
+
+def _to(value, device: torch.device):
+    """`value` (a tensor, a tuple of tensors, anything else) with its tensors on `device`."""
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    return value
 
 
 class LMStem(nn.Module):
@@ -92,7 +105,7 @@ class LMStem(nn.Module):
         if self.scale is not None:  # Granite's embedding_multiplier
             h = h * self.scale
         if self.position is not None:
-            h = h + self.position(self.context(h)["position_ids"])
+            h = h + self.position(self.context(h)["position_ids"]).to(h.device)  # as HF does
         return self.drop(self.norm(h))
 
 
@@ -102,6 +115,8 @@ class LMBranch(Block):
     Pre-norm: post = identity (or the layer's residual dropout); Gemma-2/3's sandwich norms: a
     norm on both sides; OLMo-2's post-norm sub-layers: norm = identity; Granite: its
     `residual_multiplier` as `scale`. Attention sees the context of its `layer_type`."""
+
+    device: torch.device | None = None  # set by `place`: the residual runs there (None: on h's)
 
     def __init__(
         self,
@@ -124,12 +139,14 @@ class LMBranch(Block):
         return h
 
     def residual(self, h: Tensor) -> Tensor:
+        x = h if self.device is None else h.to(self.device)
         if self.kind == "attn":
-            r = self.fn(self.norm(h), **self.context(h, self.layer_type))[0]
+            r = self.fn(self.norm(x), **self.context(x, self.layer_type))[0]
         else:
-            r = self.fn(self.norm(h))
+            r = self.fn(self.norm(x))
         r = self.post(r)
-        return r if self.scale is None else r * self.scale
+        r = r if self.scale is None else r * self.scale
+        return r if self.device is None else r.to(h.device)
 
 
 class MixerBranch(Block):
@@ -137,6 +154,8 @@ class MixerBranch(Block):
     keeps its residual stream so (`residual_in_fp32`)."""
 
     kind = "mixer"
+
+    device: torch.device | None = None  # set by `place`: the residual runs there (None: on h's)
 
     def __init__(self, layer: nn.Module, index: int):
         super().__init__()
@@ -147,7 +166,9 @@ class MixerBranch(Block):
         return h.to(torch.float32) if self.fp32 else h
 
     def residual(self, h: Tensor) -> Tensor:
-        return self.mixer(self.norm(h.to(self.norm.weight.dtype)))
+        x = h if self.device is None else h.to(self.device)
+        r = self.mixer(self.norm(x.to(self.norm.weight.dtype)))
+        return r if self.device is None else r.to(h.device)
 
 
 class LMHead(nn.Module):
@@ -439,11 +460,125 @@ def causal_lm_network(model: PreTrainedModel) -> Network:
     return family_of(model).build(model)
 
 
+# --- models bigger than one device: model.device_map ----------------------------------------
+
+
+def _device_of(module: nn.Module) -> torch.device | None:
+    p = next(iter(module.parameters()), None)
+    return None if p is None else p.device
+
+
+def place(net: Network, force: bool = False) -> Network:
+    """`net`, built on a model that accelerate's device_map spread over several devices, run
+    with each block's residual branch, and the head, on the device of its parameters: each moves
+    its input there and its output back to the stem's device, where the hidden stream, the
+    lesion engine's cache and every engine's tensors stay (one device for all of them, at two
+    transfers per block away from it). Inside a block or the head, the modules the map names
+    move their own inputs (accelerate's hooks, as in the model's own forward). Moving the
+    network as a whole leaves every tensor where the map put it (`Network.dispatched`).
+    `adapt` calls it for a model on several devices, then verifies the network as usual.
+    `force`: the moves on every block and the head, also where they share the stem's device (on
+    one device they are no-ops: tests). Refused in one line: an offloaded parameter (on the
+    meta device: offload is off), a block that cannot move its input."""
+    offloaded = [n for n, p in net.named_parameters() if p.device.type == "meta"]
+    if offloaded:
+        raise ConfigError(
+            f"{len(offloaded)} parameters (e.g. {offloaded[0]}) are offloaded to cpu or disk "
+            "(the meta device): offload is off here; map every module to a device that holds "
+            "it (more GPUs, a smaller model.dtype, or everything on cpu)"
+        )
+    main = _device_of(net)
+    for i, block in enumerate(net.blocks):
+        device = _device_of(block)
+        if device is None or (device == main and not force):
+            continue
+        if not isinstance(block, (LMBranch, MixerBranch)):
+            raise ConfigError(
+                f"block {i} ({type(block).__name__}) lies on {device}, the stem on {main}, and "
+                "cannot move its input there: map it with the stem (model.device_map)"
+            )
+        block.device = device
+    head = _device_of(net.head)
+    if head is not None and (force or head != main):
+        net.head.register_forward_pre_hook(lambda m, args: _to(args, head))
+        net.head.register_forward_hook(lambda m, args, out: _to(out, main))
+    net.dispatched = True
+    return net
+
+
+DEVICES = "a GPU index, 'cuda:N' or 'cpu'"
+
+
+def _check_offload(device_map: dict, said: str) -> None:
+    """Refuse a map that offloads (one line): a module on "disk" or "meta", or on "cpu" next to
+    GPUs (accelerate then keeps its weights on the CPU and streams them to a GPU each call)."""
+    where = {k: str(v) for k, v in device_map.items()}
+    off = [k for k, v in where.items() if v in ("disk", "meta")]
+    if not off and any(v != "cpu" for v in where.values()):
+        off = [k for k, v in where.items() if v == "cpu"]
+    if off:
+        more = f" and {len(off) - 3} more" if len(off) > 3 else ""
+        raise ConfigError(
+            f"{said} offloads {', '.join(off[:3])}{more} to {where[off[0]]}: offload is off "
+            f"here; map every module to a device that holds it ({DEVICES}; every module on cpu "
+            "runs on the CPU), e.g. with more GPUs or a smaller model.dtype"
+        )
+
+
+def check_device_map(device_map) -> str | dict:
+    """`model.device_map` checked before any loading: "auto" or {module name: device}, with
+    accelerate installed, nothing offloaded; else one line naming the fix."""
+    if importlib.util.find_spec("accelerate") is None:
+        raise ConfigError(
+            "model.device_map needs accelerate, which is not installed: pip install accelerate "
+            "(pip install -e '.[multi]'), or leave model.device_map=null (one device)"
+        )
+    if isinstance(device_map, str) and device_map == "auto":
+        return device_map
+    if not isinstance(device_map, Mapping) or not device_map:
+        raise ConfigError(
+            f"model.device_map={device_map!r}: give auto (accelerate spreads the layers over "
+            f"the GPUs), a mapping {{module name: device}} ({DEVICES}), or null (one device)"
+        )
+    device_map = dict(device_map)
+    for name, device in device_map.items():
+        try:
+            if isinstance(device, bool):
+                raise TypeError
+            if device != "disk":  # refused just below, with the other offloads
+                torch.device(device)
+        except (RuntimeError, TypeError, ValueError):
+            raise ConfigError(
+                f"model.device_map: {name!r} -> {device!r} is no device: give {DEVICES}"
+            ) from None
+    _check_offload(device_map, "model.device_map")  # disk, meta, cpu next to GPUs
+    return device_map
+
+
+def dispatch(model: PreTrainedModel, device_map: str | dict) -> PreTrainedModel:
+    """`model` (built on the CPU, e.g. from a config) spread over devices by `device_map` as
+    `from_pretrained(device_map=...)` spreads the model it loads: "auto" is its own map (each
+    decoder layer whole, the GPUs balanced), a mapping is taken as given."""
+    from accelerate import dispatch_model
+    from transformers.integrations.accelerate import _get_device_map
+
+    said = "model.device_map" + ("=auto" if device_map == "auto" else "")
+    if device_map == "auto":
+        device_map = _get_device_map(model, "auto", None, None)
+    _check_offload(device_map, said)
+    try:
+        dispatch_model(model, device_map, skip_keys=model._skip_keys_device_placement)
+    except ValueError as err:  # e.g. modules the map leaves out
+        raise ConfigError(f"model.device_map: {' '.join(str(err).split())}") from None
+    return model
+
+
 def hf_causal_lm(
     path: str | None = None,
     config: dict | None = None,
     attn_implementation: str = "eager",
     dtype: str = "float32",
+    device_map: Literal["auto"] | dict[str, int | str] | None = None,
     in_channels: int | None = None,
     num_classes: int | None = None,
 ) -> Network:
@@ -451,25 +586,39 @@ def hf_causal_lm(
     src/hub.py: downloaded only for a Hub id, where there is network; it wins over `config`),
     or with random weights from `config` (`model_type` plus its sizes, e.g. gpt2 with
     n_layer=2), adapted and verified (`adapt`). `in_channels`/`num_classes` (passed by the entry
-    point for image data) are not used: the classes of an LM are its vocabulary."""
+    point for image data) are not used: the classes of an LM are its vocabulary.
+
+    `device_map` (analysis only; needs accelerate): None, one device (as before); "auto", the
+    layers spread over the GPUs by accelerate, as `from_pretrained(device_map="auto")` does; or
+    {module name: device}. Offload (to the CPU next to GPUs, to disk) is refused, so is
+    training (src/errors.py); the network runs each block where the map put it (`place`)."""
     if path is None and config is None:
         raise ConfigError(
             "a causal LM needs model.path=<local directory> or model.config={model_type: gpt2, ...}"
         )
+    if device_map is not None:
+        device_map = check_device_map(device_map)
     if path is None:
         config = dict(config)
         cfg = AutoConfig.for_model(config.pop("model_type"), **config)
         model = AutoModelForCausalLM.from_config(
             cfg, attn_implementation=attn_implementation, dtype=getattr(torch, dtype)
         )
+        if device_map is not None:
+            dispatch(model, device_map)
     else:
+        spread = {} if device_map is None else {"device_map": device_map}
         model = from_pretrained(
             AutoModelForCausalLM.from_pretrained,
             path,
             "model.path",
             attn_implementation=attn_implementation,
             dtype=getattr(torch, dtype),
+            **spread,
         )
+        if device_map is not None:
+            said = "model.device_map" + ("=auto" if device_map == "auto" else "")
+            _check_offload(getattr(model, "hf_device_map", {}), said)
     return adapt(model)
 
 

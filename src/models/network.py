@@ -456,6 +456,33 @@ class Network(nn.Module):
         plan = FULL if plan is None else plan
         return self.head(self.trunk(self.stem(x), plan))
 
+    # --- models bigger than one device (src.models.hf_adapters.place) -----------------------
+    # A network whose blocks accelerate's device_map spread over devices: each block moves its
+    # input to its own device and its output back, so every activation the engines see lies on
+    # the stem's device. Moving the whole network (Lightning's `module.to(device)`, the
+    # engines' `net.to(device)`) must not gather it onto one device: it keeps every tensor
+    # where the map put it (a dtype change along with a move is refused).
+    dispatched = False
+
+    def _apply(self, fn, recurse=True):
+        if not self.dispatched:
+            return super()._apply(fn, recurse)
+
+        def keep(t: Tensor) -> Tensor:
+            target = fn(t.new_empty(0))  # where (and as what) `fn` would put `t`
+            if target.device == t.device:
+                return fn(t)
+            if target.dtype != t.dtype:
+                from src.errors import ConfigError
+
+                raise ConfigError(
+                    f"a network dispatched over devices (model.device_map) moves as it is: "
+                    f"set its dtype when loading (model.dtype), not with .to({target.dtype})"
+                )
+            return t  # a move to another device: stays where the device map put it
+
+        return super()._apply(keep, recurse)
+
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
