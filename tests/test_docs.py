@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.image as mpimg
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -148,7 +149,7 @@ def effective_paths_quick(tmp_path_factory) -> Path:
 
 
 def slurm_sweep(tmp_path_factory) -> Path:
-    [cmd] = [c for c in documented_commands() if "hydra/launcher=slurm " in c]
+    [cmd] = [c for c in documented_commands() if "hydra/launcher=slurm " in c and "shard=" not in c]
     return ran(tmp_path_factory, "doc_slurm_sweep", *words(cmd))
 
 
@@ -577,6 +578,34 @@ def check_analyse_checkpoint(command, tmp_path_factory, tmp_path):
         assert sum(ten) / len(ten) < 0.2
 
 
+def check_slurm_shards(command, tmp_path_factory, tmp_path):
+    """A study cut into shards, one Slurm job each, on the quick start's ResNet-110: the sweep's
+    report merges them into the table the quick start's own (unsharded) run wrote."""
+    if not HAS_SLURM:
+        pytest.skip("no Slurm cluster: run `scripts/slurm_local.sh start` (as root) first")
+    copy = once(tmp_path_factory, "quickstart", lambda c: None)
+    job = quickstart_jobs(copy)["resnet110"]
+    ckpt = job / "checkpoints" / "last.ckpt"
+    args = [
+        w.replace("outputs/.../checkpoints/last.ckpt", str(ckpt.relative_to(copy)))
+        for w in words(command)
+    ]
+    work = tmp_path / "copy"
+    shutil.copytree(copy, work)
+    run_cli(*args, "callbacks.delete_single.progress=false", cwd=work, timeout=1800)
+    sweep = newest("outputs/train/multirun_*", work)
+    assert sorted(p.name for p in sweep.iterdir() if (p / "metrics.json").exists()) == list("0123")
+    parts = [pd.read_parquet(sweep / j / "analysis" / "delete_single.parquet") for j in "0123"]
+    assert [set(p.shard) for p in parts] == [{f"{i}/4"} for i in range(4)]
+    assert sum(len(p) for p in parts) == 54 and all(len(p) < 54 for p in parts)
+    merged = pd.read_parquet(sweep / "report" / "tables.parquet")
+    merged = merged[merged.study == "delete_single"].drop(columns=["run_id", "run_dir"])
+    whole = pd.read_parquet(job / "analysis" / "delete_single.parquet").drop(columns="run_id")
+    got = merged.dropna(axis=1, how="all")[list(whole.dropna(axis=1, how="all").columns)]
+    want = whole.dropna(axis=1, how="all")
+    pd.testing.assert_frame_equal(got.reset_index(drop=True), want, check_dtype=False)
+
+
 def check_resume(command, tmp_path_factory, tmp_path):
     """`<same overrides> hydra.run.dir=<its run dir> resume=true` continues a run in place."""
     copy = fresh_copy(tmp_path)
@@ -736,7 +765,8 @@ RULES = [
         check_quickstart,
     ),
     Rule(r"python -m src\.run -m hydra/launcher=slurm_gpu .*", check_slurm_gpu_request, SLURM),
-    Rule(r"python -m src\.run -m hydra/launcher=slurm .*", check_slurm_sweep, SLURM),
+    Rule(r"python -m src\.run -m hydra/launcher=slurm (?!.*shard=).*", check_slurm_sweep, SLURM),
+    Rule(r"python -m src\.run -m hydra/launcher=slurm .*\.shard=\S+", check_slurm_shards, SLURM),
     Rule(r"python -m src\.run (?!-m ).*trainer=gpu.*", check_needs_gpu),
     Rule(
         r"python -m src\.run experiment=imagenet_delete_single train=false .*", check_missing_inputs
@@ -770,7 +800,7 @@ RULES = [
     ),
     Rule(
         r"python -m src\.run experiment=delete_many train=false ckpt_path=\S+"
-        r"( callbacks\.delete_many\.bn=recalibrate)?",
+        r"( callbacks\.delete_many\.bn=recalibrate| trainer=ddp trainer\.devices=2)?",
         check_analyse_checkpoint,
     ),
     Rule(
