@@ -236,8 +236,9 @@ class AnalysisCallback(Callback):
             self.analyse_during_fit(trainer, pl_module)  # once per step (gradient accumulation)
 
     def analyse_during_fit(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """`analyse` on the current weights at step `trainer.global_step` (on the ranks `runs_here`), with the
-        network as tested; training's state is put back afterwards (see the class docstring)."""
+        """`analyse` on the current weights at step `trainer.global_step` (on the ranks that
+        `runs_here`), with the network as tested; training's state is put back afterwards (see
+        the class docstring)."""
         self._fit_step = trainer.global_step
         if self.runs_here(trainer):
             self._in_fit, start = True, time.monotonic()
