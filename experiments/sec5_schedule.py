@@ -124,10 +124,16 @@ def figure(t: pd.DataFrame, preset: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for rule in RULES:
+    for i, rule in enumerate(RULES):  # rules side by side at each length
         r = t[t.arm == f"23/54 {rule}"]
-        a.errorbar(r.steps, r.gap_pp, yerr=r.gap_ci_pp, marker="o", capsize=3, label=rule)
+        x = r.steps * 1.04 ** (i - 1.5)
+        a.errorbar(x, r.gap_pp, yerr=r.gap_ci_pp.fillna(0), marker="o", capsize=3, label=rule)
     a.axhline(0, color="grey", lw=0.8)
+    gaps = t[t.arm.str.startswith("23/54")]
+    a.set_ylim(
+        min(-1.0, (gaps.gap_pp - gaps.gap_ci_pp.fillna(0)).min() * 1.5),
+        (gaps.gap_pp + gaps.gap_ci_pp.fillna(0)).max() * 1.5,
+    )
     a.set(
         xscale="log",
         yscale="symlog",
@@ -138,7 +144,9 @@ def figure(t: pd.DataFrame, preset: str, path: Path) -> None:
     a.legend()
     for bn in ("eval", "recalibrate"):
         r = t[t.arm == f"Fig. 5a largest step, bn={bn}"]
-        b.errorbar(r.steps, r.gap_pp, yerr=r.gap_ci_pp, marker="o", capsize=3, label=f"bn={bn}")
+        b.errorbar(
+            r.steps, r.gap_pp, yerr=r.gap_ci_pp.fillna(0), marker="o", capsize=3, label=f"bn={bn}"
+        )
     b.set(
         xscale="log",
         xlabel="training steps",
@@ -146,6 +154,8 @@ def figure(t: pd.DataFrame, preset: str, path: Path) -> None:
         title="Fig. 5a: deleting k blocks of the fully trained network",
     )
     b.legend()
+    for ax in (a, b):
+        ax.set_xlim(t.steps.min() / 2, t.steps.max() * 2)
     fig.suptitle(f"ResNet-110, {preset} preset; mean and 95% CI over seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
