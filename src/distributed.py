@@ -146,6 +146,19 @@ def evaluate(part: Part, costs: Sequence[float], compute) -> dict:
 # --- the report's side: shards of one study merged into one table ------------------------
 
 
+def _value(v: str) -> str:
+    """An override's value as YAML reads it (False and false alike), written back."""
+    import json
+
+    import yaml
+
+    try:
+        value = yaml.safe_load(v)
+    except yaml.YAMLError:
+        return v
+    return value if isinstance(value, str) else json.dumps(value, default=str)
+
+
 def _describe(key: tuple) -> str:
     return ", ".join(f"{k}={v}" for k, v in key) or "no overrides"
 
@@ -162,9 +175,9 @@ def merge_shards(runs: pd.DataFrame, tables: pd.DataFrame, merges=()) -> tuple:
         return runs, tables
     over = dict(zip(runs.run_dir, runs.overrides)) if "overrides" in runs else {}
 
-    def key(run_dir: str) -> tuple:
+    def key(run_dir: str) -> tuple:  # values as YAML reads them: a sweep writes train=False
         o = over.get(run_dir, {})
-        return tuple(sorted((k, v) for k, v in o.items() if not k.endswith(".shard")))
+        return tuple(sorted((k, _value(v)) for k, v in o.items() if not k.endswith(".shard")))
 
     sharded = tables.shard.notna().to_numpy(dtype=bool)
     shard_of = dict(zip(tables.run_dir[sharded], tables.shard[sharded]))
@@ -187,10 +200,12 @@ def merge_shards(runs: pd.DataFrame, tables: pd.DataFrame, merges=()) -> tuple:
             if g[0] == count and g != (count, k) and set(s) & set(missing)
         ]
         if others:
-            differ = sorted(set(k) ^ set(others[0][1]))
+            a, b = dict(k), dict(others[0][1])
+            keys = sorted(x for x in a.keys() | b.keys() if a.get(x) != b.get(x))
+            differ = ", ".join(f"{x} ({a.get(x, 'unset')} vs {b.get(x, 'unset')})" for x in keys)
             raise ConfigError(
-                f"the shards of one study disagree about {_describe(tuple(differ))}: rerun them "
-                "with the same model, data and checkpoint"
+                f"the shards of one study disagree about {differ}: rerun them with the same "
+                "overrides but their shard (the same model, data and checkpoint)"
             )
         raise ConfigError(
             f"shard {missing[0]}/{count} ({_describe(k)}) is missing: run it (the same command "

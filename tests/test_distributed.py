@@ -12,7 +12,6 @@ import pandas as pd
 import pytest
 import torch.multiprocessing as mp
 
-from src import results
 from src.distributed import Part, Shard, assign, evaluate, merge_shards, parse_shard
 from src.errors import ConfigError
 from tests.conftest import run_cli
@@ -206,9 +205,9 @@ SHARDED = ("delete_many", "gradient_paths")
 
 @pytest.mark.slow
 def test_shards_merged_by_the_sweep_report_equal_the_whole_study(checkpoint, one_process, tmp_path):
-    """`-m callbacks.<study>.shard=0/3,1/3,2/3` on the local launcher: three jobs, each writing
-    its part; the sweep's report merges them into the unsharded tables. Without one shard, or
-    with a shard of another checkpoint, the report refuses in one line."""
+    """`-m callbacks.<study>.shard=0/2,1/2` on the local launcher: two jobs, each writing its
+    part; the sweep's report merges them into the unsharded tables. Without one shard, or with
+    a shard run with other settings, the report refuses in one line."""
     want = tables(one_process)
     for study in SHARDED:
         sweep = tmp_path / study
@@ -217,11 +216,11 @@ def test_shards_merged_by_the_sweep_report_equal_the_whole_study(checkpoint, one
             "train=false",
             f"ckpt_path={checkpoint}",
             *OF[study],
-            f"callbacks.{study}.shard=0/3,1/3,2/3",
+            f"callbacks.{study}.shard=0/2,1/2",
             f"hydra.sweep.dir={sweep}",
         )
         part = pd.read_parquet(sweep / "1" / "analysis" / f"{study}.parquet")
-        assert set(part.shard) == {"1/3"} and 0 < len(part)
+        assert set(part.shard) == {"1/2"} and 0 < len(part)
         merged = pd.read_parquet(sweep / "report" / "tables.parquet")
         assert merged.run_dir.nunique() == 1
         names = [study, "path_decomposition"] if study == "gradient_paths" else [study]
@@ -230,15 +229,10 @@ def test_shards_merged_by_the_sweep_report_equal_the_whole_study(checkpoint, one
             t = want[name].dropna(axis=1, how="all")
             g = got[list(t.columns)].reset_index(drop=True)
             pd.testing.assert_frame_equal(g, t, check_dtype=False, obj=name)
-        # the report refuses a sweep with a shard missing
-        for f in (sweep / "2").rglob("*.parquet"):
-            f.unlink()
-        res = run_cli(str(sweep), check=False, module="src.report")
-        assert res.returncode != 0
-        line = res.stderr.strip().splitlines()[-1]
-        assert "shard 2/3" in line and "is missing" in line
-    # shards of two checkpoints: refused as a disagreement
+    # shard 0 beside a shard 1 run with other settings: refused as a disagreement
     other = tmp_path / "other"
+    other.mkdir()
+    (tmp_path / "delete_many" / "0").rename(other / "0")
     run_cli(
         "train=false",
         f"ckpt_path={checkpoint}",
@@ -247,15 +241,27 @@ def test_shards_merged_by_the_sweep_report_equal_the_whole_study(checkpoint, one
         "data.batch_size=32",
         f"hydra.run.dir={other}/1",
     )
-    run_cli(
-        "train=false",
-        f"ckpt_path={checkpoint}",
-        *OF["delete_many"],
-        "callbacks.delete_many.shard=0/2",
-        f"hydra.run.dir={other}/0",
-    )
     res = run_cli(str(other), check=False, module="src.report")
-    assert res.returncode != 0
-    assert "disagree about data.batch_size" in res.stderr.strip().splitlines()[-1]
-    runs = results.runs(other)
-    assert len(runs) == 2
+    assert res.returncode == 2
+    line = res.stderr.strip().splitlines()[-1]
+    assert "disagree about data.batch_size (unset vs 32)" in line or "(32 vs unset)" in line
+    # and without its shard 1 at all: a missing shard
+    for f in (other / "1").rglob("*.parquet"):
+        f.unlink()
+    res = run_cli(str(other), check=False, module="src.report")
+    assert res.returncode == 2
+    line = res.stderr.strip().splitlines()[-1]
+    assert "shard 1/2" in line and "is missing: run it" in line
+
+
+def test_a_sweeps_shard_and_a_single_runs_shard_are_one_set():
+    """Hydra writes a sweep job's `train=false` as `train=False`: the same value."""
+    runs, t = shard_tables(drop=2)
+    t2 = t[t.run_dir == "0"].assign(run_dir="2", shard="2/3", item=[100 + i for i in range(3)])
+    runs = pd.concat([runs, pd.DataFrame([{"run_dir": "2", "overrides": {}}])], ignore_index=True)
+    runs["overrides"] = [
+        {"train": "False" if i else "false", "callbacks.delete_single.shard": f"{i}/3"}
+        for i in (0, 1, 2)
+    ]
+    runs, merged = merge_shards(runs, pd.concat([t, t2], ignore_index=True))
+    assert runs.run_dir.tolist() == ["0"] and len(merged) == len(t) + 3
