@@ -95,7 +95,10 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = p.parse_args()
     if args.device == "cuda" and torch.cuda.device_count() < args.ranks:
-        sys.exit(f"error: --ranks {args.ranks} needs as many GPUs, found {torch.cuda.device_count()}")
+        found = torch.cuda.device_count()
+        sys.exit(
+            f"error: --ranks {args.ranks} needs as many GPUs, found {found}: use --ranks {found}"
+        )
     best: dict[int, float] = {}
     values: dict[int, list[float]] = {}
     for r in range(args.repeats):

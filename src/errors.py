@@ -3,6 +3,8 @@ run before any work (each message is one line that names the fix)."""
 
 from __future__ import annotations
 
+import difflib
+import re
 import sys
 from pathlib import Path
 
@@ -84,3 +86,41 @@ def check_choices(argv: list[str]) -> None:
         for choice in value.split(","):
             if choice not in options and choice != "null":
                 raise ConfigError(f"unknown {key} {choice!r}: choose one of {', '.join(options)}")
+
+
+def close_key(root: DictConfig | None, key: str) -> str | None:
+    """`key` with its first segment that is not in the config `root` replaced by the nearest
+    one there (at the top level, the config groups count too); None when none is close."""
+    node, parts = root, key.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, DictConfig):
+            return None
+        names = [str(k) for k in node.keys()]
+        if part in names:
+            node = node._get_node(part)
+            continue
+        if i == 0:
+            names += [p.name for p in CONF_DIR.iterdir() if p.is_dir()]
+        match = difflib.get_close_matches(part, names, n=1)
+        return ".".join([*parts[:i], match[0], *parts[i + 1 :]]) if match else None
+    return None
+
+
+def unknown_key(err: BaseException) -> ConfigError | None:
+    """Hydra's refusal of an override whose key the config lacks (given without `+`), as one line
+    naming the fix and the nearest key; None for any other error."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    said = re.match(r"Could not override '([^']+)'\.", str(err))
+    cause = err.__cause__
+    if not said or not isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
+        return None
+    key = said.group(1)
+    line = re.search(r"use \+(.+)$", str(err), re.MULTILINE)
+    added = line.group(1) if line else f"{key}=..."
+    parent = getattr(cause, "parent_node", None)
+    close = close_key(parent._get_root() if parent is not None else None, key)
+    hint = f" (did you mean {close}?)" if close and close != key else ""
+    return ConfigError(
+        f"{key} is not a config key{hint}: fix the spelling, or add it with +{added} if it is new"
+    )

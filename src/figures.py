@@ -129,7 +129,8 @@ def damage_heatmap(table: pd.DataFrame, metric: str = "error", verb: str = "dele
             aspect="auto",
             origin="lower",
             cmap="RdBu_r",  # red: the deletion hurts; blue: it helps; white: no change
-            norm=TwoSlopeNorm(0.0, min(low, -1e-9), max(top, 1e-9)),
+            # one scale both ways: a small helpful deletion stays pale beside a harmful one
+            norm=TwoSlopeNorm(0.0, -max(top, -low, 1e-9), max(top, -low, 1e-9)),
             interpolation="nearest",
         )
         cols = [int(c) for c in grid.columns]
@@ -145,7 +146,7 @@ def damage_heatmap(table: pd.DataFrame, metric: str = "error", verb: str = "dele
             if i in marks:
                 tick.set_color("C0")
                 tick.set_fontweight("bold")
-    axes[0].set_ylabel(f"{verb} block (downsampling in blue)", fontsize=8)
+    axes[0].set_ylabel(f"{verb} block" + (" (downsampling in blue)" if down else ""), fontsize=8)
     fig.colorbar(image, ax=list(axes), label=f"test {metric} rise ({unit})", shrink=0.9)
     fig.suptitle(
         f"One block {verb}, across training: test {metric} rise over the unlesioned network",

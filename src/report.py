@@ -230,6 +230,15 @@ def at_latest_step(tables: pd.DataFrame) -> pd.DataFrame:
     return tables[keep.to_numpy(dtype=bool)]
 
 
+def headline(study, t: pd.DataFrame) -> str:
+    """The study's headline of a group's rows; a headline written for an `error` column reads a
+    language model's `loss` column in its place, its numbers in nats and its words "loss"."""
+    if "error" in t or "loss" not in t:
+        return study.headline(t)
+    with stats.measured_in("loss"):
+        return study.headline(t.rename(columns={"loss": "error"})).replace("error", "loss")
+
+
 def report(path: str | Path, out: str | Path | None = None, alpha: float = 0.05) -> Path:
     """Aggregate every run below `path` into `<out>/report.md` and figures; returns report.md."""
     if not 0 < alpha < 1:
@@ -284,7 +293,7 @@ def report(path: str | Path, out: str | Path | None = None, alpha: float = 0.05)
         for group, g in last.groupby("label", sort=True):
             at = results.steps(t[t.label == group])
             when = f"at step {at[-1]} (of {len(at)} steps): " if len(at) > 1 else ""
-            lines.append(f"| {group} | {g.run_dir.nunique()} | {when}{s.headline(g)} |")
+            lines.append(f"| {group} | {g.run_dir.nunique()} | {when}{headline(s, g)} |")
     if not runs.empty:
         lines += effective_paths(runs, out, alpha)
     claims = claims_table(runs, final)

@@ -35,10 +35,17 @@ from src.errors import (
     check_choices,
     check_pairing,
     exit_with,
+    unknown_key,
     validate,
 )
 from src.results import write_json
-from src.rundir import refuse_to_overwrite, wandb_id
+from src.rundir import (
+    keep_earlier_records,
+    refuse_to_overwrite,
+    restore_earlier_records,
+    results_state,
+    wandb_id,
+)
 
 log = logging.getLogger("src.run")
 USER_ERRORS = (ConfigError, DataUnavailable, FileNotFoundError)
@@ -155,14 +162,16 @@ def train(cfg: DictConfig) -> dict:
     module_class = get_class(cfg.get("module") or "src.module.Classifier")  # LMs: src.lm
     check_pairing(net, datamodule, module_class)
     module = module_class(net, mode=mode, num_classes=datamodule.num_classes, **cfg.optim)
-    module.facts = run_facts(cfg, choices, net, mode, trained_seed)  # every table's metadata
+    ddp_ranks_join_this_job()
+    callbacks = build(cfg, "callbacks")
+    # every table's metadata; after the callbacks, whose constructors may still refuse a value:
+    # the run's W&B id (`<run dir>/wandb_id`) is written only once nothing was refused
+    module.facts = run_facts(cfg, choices, net, mode, trained_seed)
     # the optimizer step of the weights analysed (the tables' `step`): a `step=` override, else
     # the checkpoint's own; after training, the trained network's (set below)
     module.facts["step"] = (
         cfg.get("step") if cfg.get("step") is not None else (ckpt or {}).get("global_step")
     )
-    ddp_ranks_join_this_job()
-    callbacks = build(cfg, "callbacks")
     # in every run, so a callback can save a checkpoint of its own (src/export.py)
     callbacks.append(checkpoint.RunConfig(checkpoint.describe(cfg, choices)))
     trainer = instantiate(
@@ -215,6 +224,8 @@ def train(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> float | None:
     watch_sigterm()
     drop_noise()
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    results_before = results_state(output_dir)
     try:
         try:
             return train(cfg).get("test_error")
@@ -224,6 +235,8 @@ def main(cfg: DictConfig) -> float | None:
                 raise
             raise problem from None
     except USER_ERRORS as err:
+        if results_state(output_dir) == results_before:  # refused before writing any results:
+            restore_earlier_records(output_dir)  # the records of a run already there stay its own
         exit_with(err)
     except BaseException:  # Lightning ends a fit on SIGTERM with SIGTERMException(SystemExit)
         if terminating():
@@ -244,10 +257,42 @@ def main(cfg: DictConfig) -> float | None:
         leave_ddp()
 
 
-if __name__ == "__main__":
+def report_unknown_keys() -> None:
+    """Hydra reports an override of a key the config lacks (`trainer.max_stepz=5`, without `+`)
+    in several lines and exits 1, also under `-m`: one line naming the fix instead, exit 2."""
+    from hydra._internal import utils as hydra_utils
+
+    report = getattr(hydra_utils, "run_and_report", None)
+    if report is None or getattr(report, "reports_unknown_keys", False):
+        return
+
+    def run_and_report(func):
+        def checked():
+            try:
+                return func()
+            except Exception as err:
+                problem = unknown_key(err)
+                if problem is None:
+                    raise
+                exit_with(problem)  # SystemExit: Hydra's report lets it through
+
+        return report(checked)
+
+    run_and_report.reports_unknown_keys = True
+    hydra_utils.run_and_report = run_and_report
+
+
+def cli() -> None:
+    """`python -m src.run ...`: every user error reported in one line, exit 2."""
     os.environ.setdefault("WANDB_SILENT", "true")
     try:
         check_choices(sys.argv[1:])
     except ConfigError as err:
         exit_with(err)
+    report_unknown_keys()
+    keep_earlier_records()
     main()
+
+
+if __name__ == "__main__":
+    cli()

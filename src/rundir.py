@@ -8,8 +8,11 @@ continues its own W&B run.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -23,10 +26,29 @@ from src.results import atomic_write
 OmegaConf.register_new_resolver("uid", lambda: secrets.token_hex(3), use_cache=True, replace=True)
 
 
+# Set while the config is checked (src/schema.py): `${wandb_id:}` then reads an id but writes none,
+# so that a run refused before any work leaves no `wandb_id` behind.
+_CHECKING = contextvars.ContextVar("checking", default=False)
+UNASSIGNED = "unassigned"  # the id a check sees where the run dir has none yet
+
+
+@contextlib.contextmanager
+def no_new_ids() -> Iterator[None]:
+    """Within: `wandb_id` creates no id file (it gives UNASSIGNED where there is none)."""
+    token = _CHECKING.set(True)
+    try:
+        yield
+    finally:
+        _CHECKING.reset(token)
+
+
 def wandb_id(output_dir: str) -> str:
-    """This run dir's W&B run id (`<run dir>/wandb_id`), created by the first rank to get here."""
+    """This run dir's W&B run id (`<run dir>/wandb_id`), created by the first rank to get here
+    (UNASSIGNED, and nothing written, while the config is checked: `no_new_ids`)."""
     path = Path(output_dir) / "wandb_id"
     if not path.exists():
+        if _CHECKING.get():
+            return UNASSIGNED
         tmp = atomic_write(path.with_name(f".wandb_id.{os.getpid()}"), secrets.token_hex(8))
         try:
             os.link(tmp, path)  # atomic and never overwrites another rank's id
@@ -64,3 +86,45 @@ def refuse_to_overwrite(output_dir: Path, resuming: bool) -> None:
             f"run directory {output_dir} already holds a run ({found[0].name}): add resume=true "
             "to continue it, or leave out hydra.run.dir to start in a fresh directory"
         )
+
+
+# What Hydra's records of a run (`<run dir>/.hydra/*.yaml`) held before this process rewrote them.
+_EARLIER: dict[Path, bytes] = {}
+
+
+def keep_earlier_records() -> None:
+    """Hydra writes `<run dir>/.hydra/{config,hydra,overrides}.yaml` before the run starts, over
+    those of a run already in that directory (a re-run, `resume=true`): keep what they held, so
+    that a refused run can put them back (`restore_earlier_records`). For the CLI only."""
+    from hydra.core import utils
+
+    save = getattr(utils, "_save_config", None)
+    if save is None or getattr(save, "keeps_earlier", False):  # another Hydra, or done already
+        return
+
+    def _save_config(cfg, filename: str, output_dir: Path) -> None:
+        path = Path(output_dir) / filename
+        if path.is_file():
+            _EARLIER.setdefault(path.resolve(), path.read_bytes())
+        save(cfg, filename, output_dir)
+
+    _save_config.keeps_earlier = True
+    utils._save_config = _save_config
+
+
+def restore_earlier_records(output_dir: Path) -> list[Path]:
+    """Put back the records under `output_dir` that Hydra rewrote for a run that was refused;
+    the paths put back."""
+    root = Path(output_dir).resolve()
+    back = []
+    for path, data in _EARLIER.items():
+        if path.is_relative_to(root) and (not path.is_file() or path.read_bytes() != data):
+            atomic_write(path, data)
+            back.append(path)
+    return back
+
+
+def results_state(output_dir: Path) -> dict[Path, int]:
+    """The results a run dir holds (`finished_results`), each with its modification time: the
+    same before and after a run that wrote no results."""
+    return {p: p.stat().st_mtime_ns for p in finished_results(Path(output_dir))}

@@ -307,7 +307,15 @@ def check_target(node: DictConfig, path: str) -> None:
 
 
 def check(cfg: DictConfig) -> None:
-    """Raise ConfigError on the first key of `cfg` that its declaration does not accept."""
+    """Raise ConfigError on the first key of `cfg` that its declaration does not accept. Writes
+    nothing: resolving `${wandb_id:}` here creates no id file (src/rundir.py)."""
+    from src.rundir import no_new_ids
+
+    with no_new_ids():
+        check_keys(cfg)
+
+
+def check_keys(cfg: DictConfig) -> None:
     check_node(cfg, "", params(Run)[0], True, owner="the run")  # other keys: checked below
     from src.module import Recipe
 

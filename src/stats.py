@@ -6,8 +6,10 @@ Used by the analyses for a run's headline numbers (`summary.json`) and by the sw
 
 from __future__ import annotations
 
+import contextvars
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +38,25 @@ def table_metric(t: pd.DataFrame) -> str:
     return "error" if "error" in t and t["error"].notna().any() else "loss"
 
 
+_MEASURED_IN = contextvars.ContextVar("measured_in", default="error")
+
+
+@contextmanager
+def measured_in(metric: str) -> Iterator[None]:
+    """Within the block, `fmt`'s error rates are values of `metric`: a loss in nats (a headline
+    written for an `error` column, given a language model's `loss` column as `error`)."""
+    token = _MEASURED_IN.set(metric)
+    try:
+        yield
+    finally:
+        _MEASURED_IN.reset(token)
+
+
 def fmt(mean: float, half: float, pct: bool = True) -> str:
-    """`mean ± half` (a `mean_ci`), as percentages with the half-width in points by default."""
+    """`mean ± half` (a `mean_ci`), as percentages with the half-width in points by default
+    (in nats where the values are losses: `measured_in`)."""
+    if pct and _MEASURED_IN.get() == "loss":
+        return f"{mean:.3f} nats" + ("" if math.isnan(half) else f" ± {half:.3f}")
     scale, unit = (100, "%") if pct else (1, "")
     if math.isnan(half):
         return f"{mean * scale:.2f}{unit}"

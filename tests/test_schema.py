@@ -14,8 +14,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 import src.run  # noqa: F401  (registers the ${uid:} and W&B resolvers)
-from src import schema
-from src.errors import ConfigError
+from src import rundir, schema
+from src.errors import ConfigError, unknown_key
 from tests.conftest import run_cli
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -39,13 +39,10 @@ MINUS_ONE = {
 }
 # Where a negative number is a real value: a seed of the data split or a token id is any int.
 NEGATIVE_OK = {"model.config.bos_token_id", "model.config.eos_token_id"}
-# The analyses' signatures (src/analysis/*) declare types but no ranges yet: their constructors
-# and `setup` refuse a negative value, in one line through src/run.py.
-RANGE_IN_CONSTRUCTOR = ("callbacks.delete_", "callbacks.duplicate.", "callbacks.reorder.")
-RANGE_IN_CONSTRUCTOR += ("callbacks.gradient_paths.", "task.")
-# ... except the keys every analysis or lesion study shares (src/analysis/base.py), declared
-# with their ranges.
-RANGE_DECLARED = (".every_n_steps", ".batch_size", ".bn_batches")
+# The analytic tasks' functions (src/analysis/path_stats.py) declare types but no ranges yet:
+# they refuse a negative value themselves, in one line through src/run.py. Every analysis
+# callback declares its ranges in its signature (src/analysis/*).
+RANGE_IN_CONSTRUCTOR = ("task.",)
 
 
 @functools.cache
@@ -105,7 +102,7 @@ def cases():
             bad = [(v, True) for v in wrong_values(key, value)]
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
             if number and value > 0 and key not in NEGATIVE_OK:
-                ranged = not key.startswith(RANGE_IN_CONSTRUCTOR) or key.endswith(RANGE_DECLARED)
+                ranged = not key.startswith(RANGE_IN_CONSTRUCTOR)
                 bad.append((-5 if isinstance(value, int) else -0.5, ranged))
                 if key in MINUS_ONE:
                     bad.append((-1, False))
@@ -191,3 +188,128 @@ def test_cli_reports_a_bad_value_in_one_line_before_any_work(overrides, tmp_path
     ), res.stderr[-2000:]
     assert "Traceback" not in res.stderr and "Error executing job" not in res.stderr
     assert not list(tmp_path.glob("x/checkpoints/*"))
+
+
+@pytest.mark.parametrize(
+    "experiment, key, value, said",
+    [
+        ("delete_many", "callbacks.delete_many.ks", [2, -1], "each element an integer >= 0"),
+        ("delete_many", "callbacks.delete_many.trials", 0, "an integer > 0; got 0"),
+        ("reorder", "callbacks.reorder.swaps", [-2], "each element an integer >= 0"),
+        ("reorder", "callbacks.reorder.trials", 0, "an integer > 0; got 0"),
+        ("duplicate", "callbacks.duplicate.blocks", [-1], "each element an integer >= 0"),
+        ("gradient_paths", "callbacks.gradient_paths.lengths", [0, 3], "an integer > 0"),
+        ("gradient_paths", "callbacks.gradient_paths.chunk", 0, "an integer > 0; got 0"),
+        ("gradient_paths", "callbacks.gradient_paths.share", 1.5, "a number in (0, 1]; got 1.5"),
+        ("gradient_paths", "callbacks.gradient_paths.engine", "nope", "one of fast, straightfor"),
+    ],
+)
+def test_the_analyses_declare_their_ranges(experiment, key, value, said):
+    """Ranges in the studies' signatures (not only in their constructors): refused by the check,
+    before any work, in one line naming the key."""
+    cfg = copy.deepcopy(composed()[experiment])
+    with open_dict(cfg):
+        OmegaConf.update(cfg, key, value, merge=False)
+    HydraConfig.instance().set_config(cfg)
+    with pytest.raises(ConfigError) as caught:
+        schema.check(cfg)
+    assert str(caught.value).startswith(f"{key}={value!r}: ") and said in str(caught.value)
+
+
+UNKNOWN = {
+    ("preset=quick", "trainer.max_stepz=5"): "trainer.max_stepz is not a config key (did you "
+    "mean trainer.max_steps?): fix the spelling, or add it with +trainer.max_stepz=5 if it is new",
+    ("experiment=delete_single", "preset=quick", "callbacks.delete_single.blokcs=[1]"): (
+        "callbacks.delete_single.blokcs is not a config key (did you mean "
+        "callbacks.delete_single.blocks?): fix the spelling, or add it with "
+        "+callbacks.delete_single.blokcs=[1] if it is new"
+    ),
+    ("trainr.max_steps=5",): "trainr.max_steps is not a config key (did you mean "
+    "trainer.max_steps?): fix the spelling, or add it with +trainr.max_steps=5 if it is new",
+    ("presett=quick",): "presett is not a config key (did you mean preset?)",
+    ("trainer.zzzzzz=1",): "trainer.zzzzzz is not a config key: fix the spelling, or add it "
+    "with +trainer.zzzzzz=1 if it is new",
+}
+
+
+def test_an_unknown_key_without_plus_is_one_line_naming_the_nearest_key():
+    from hydra.errors import ConfigCompositionException
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        for overrides, said in UNKNOWN.items():
+            with pytest.raises(ConfigCompositionException) as caught:
+                compose("config", overrides=list(overrides))
+            line = str(unknown_key(caught.value))
+            assert line.startswith(said) and "\n" not in line, (overrides, line)
+    assert unknown_key(ValueError("Could not override 'x'.")) is None  # not Hydra's refusal
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("multirun", [False, True], ids=["run", "multirun"])
+def test_cli_reports_an_unknown_key_in_one_line(multirun, tmp_path):
+    where = ["-m", "seed=1,2", f"hydra.sweep.dir={tmp_path}/s"] if multirun else []
+    overrides = (*where, "preset=quick", "trainer.max_stepz=5", f"hydra.run.dir={tmp_path}/x")
+    res = run_cli(*overrides, check=False)
+    assert res.returncode == 2, res.stderr[-2000:]
+    said = UNKNOWN[("preset=quick", "trainer.max_stepz=5")]
+    assert res.stderr.strip().splitlines()[-1] == f"error: {said}", res.stderr[-2000:]
+    assert "HYDRA_FULL_ERROR" not in res.stderr and "Could not override" not in res.stderr
+    assert not list(tmp_path.iterdir())  # refused while composing: no run directory
+
+
+def test_checking_a_config_writes_no_wandb_id(tmp_path):
+    cfg = copy.deepcopy(composed()["default"])
+    assert "wandb" in cfg.logger
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+    HydraConfig.instance().set_config(cfg)
+    schema.check(cfg)  # resolves logger.wandb.id
+    assert not list(tmp_path.iterdir())
+    assert cfg.logger.wandb.id == (tmp_path / "wandb_id").read_text().strip()  # once it runs
+
+
+def test_a_refused_run_puts_back_the_records_hydra_rewrote(tmp_path, monkeypatch):
+    from hydra.core import utils
+
+    monkeypatch.setattr(utils, "_save_config", utils._save_config)  # undone after the test
+    monkeypatch.setattr(rundir, "_EARLIER", {})
+    records = tmp_path / "run" / ".hydra"
+    records.mkdir(parents=True)
+    (records / "overrides.yaml").write_text("- seed=0\n")
+    rundir.keep_earlier_records()
+    for name in ("overrides.yaml", "hydra.yaml"):  # one there before, one new
+        utils._save_config(OmegaConf.create(["seed=1"]), name, records)
+    utils._save_config(OmegaConf.create(["seed=1"]), "overrides.yaml", tmp_path / "other")
+    assert (records / "overrides.yaml").read_text() == "- seed=1\n"
+    assert rundir.restore_earlier_records(tmp_path / "run") == [records / "overrides.yaml"]
+    assert (records / "overrides.yaml").read_text() == "- seed=0\n"
+
+
+def fake_finished_run(run_dir: Path) -> dict[Path, bytes]:
+    """A run directory as a finished run leaves it; each file with its bytes."""
+    files = {
+        "metrics.json": '{"test_error": 0.1}\n',
+        "checkpoints/last.ckpt": "weights",
+        ".hydra/config.yaml": "seed: 0\n",
+        ".hydra/hydra.yaml": "hydra: {}\n",
+        ".hydra/overrides.yaml": "- seed=0\n",
+        "run.log": "the first run\n",
+    }
+    for name, text in files.items():
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / name).write_text(text)
+    return {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_refused_run_leaves_no_wandb_id_and_a_run_dir_as_it_was(tmp_path):
+    res = run_cli("preset=quick", "seed=abc", f"hydra.run.dir={tmp_path}/new", check=False)
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: seed=")
+    assert not (tmp_path / "new" / "wandb_id").exists()  # (the W&B logger is the default)
+    old = tmp_path / "old"
+    kept = fake_finished_run(old)
+    for overrides in (["seed=1"], ["seed=abc", "resume=true"]):  # a re-run; a refused resume
+        res = run_cli("preset=quick", *overrides, f"hydra.run.dir={old}", check=False)
+        assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: ")
+        assert {p: p.read_bytes() for p in kept} == kept, overrides
+        assert not (old / "wandb_id").exists()

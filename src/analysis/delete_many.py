@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from typing import Annotated
 
 import pandas as pd
 
@@ -20,6 +21,7 @@ from src.analysis.base import LesionStudy
 from src.engines.lesion import lesion_plan
 from src.errors import ConfigError
 from src.models.network import Network, Plan
+from src.schema import NON_NEGATIVE, POSITIVE
 from src.studies import Study
 
 
@@ -37,7 +39,11 @@ class DeleteMany(LesionStudy):
     name = "delete_many"
 
     def __init__(
-        self, ks: Sequence[int] = tuple(range(21)), trials: int = 10, seed: int = 0, **kwargs
+        self,
+        ks: Sequence[Annotated[int, NON_NEGATIVE]] = tuple(range(21)),
+        trials: Annotated[int, POSITIVE] = 10,
+        seed: int = 0,
+        **kwargs,
     ):
         super().__init__(**kwargs)
         self.ks = [int(k) for k in ks]

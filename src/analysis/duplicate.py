@@ -14,6 +14,8 @@ language model's value column is `loss`, with perplexity), the `duplicate` entry
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import pandas as pd
 
 from src import figures, lm_figures, stats
@@ -21,6 +23,7 @@ from src.analysis.base import LesionStudy
 from src.engines.lesion import lesion_plan
 from src.errors import ConfigError
 from src.models.network import Network, Plan
+from src.schema import NON_NEGATIVE
 from src.studies import Study
 
 
@@ -37,7 +40,7 @@ class Duplicate(LesionStudy):
 
     name = "duplicate"
 
-    def __init__(self, blocks: list[int] | None = None, **kwargs):
+    def __init__(self, blocks: list[Annotated[int, NON_NEGATIVE]] | None = None, **kwargs):
         super().__init__(**kwargs)
         self.blocks = None if blocks is None else [int(b) for b in blocks]
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Annotated, Literal
 
 import pandas as pd
 import torch
@@ -39,6 +40,7 @@ from src.engines.paths import (
 )
 from src.errors import ConfigError
 from src.models.network import Plan
+from src.schema import POSITIVE, UNIT
 from src.stats import fit_decay, length_stats, mean_ci, total_gradient
 from src.studies import Study
 
@@ -59,18 +61,18 @@ class GradientPaths(AnalysisCallback):
 
     def __init__(
         self,
-        samples: int = 1000,
-        lengths: Sequence[int] | None = None,
-        batches: int = 10,
-        split: str = "train",
-        bn: str = "eval",
-        wrt: str = "input",
-        share: float = 0.9,
-        engine: str = "fast",
-        chunk: int = 128,
+        samples: Annotated[int, POSITIVE] = 1000,
+        lengths: Sequence[Annotated[int, POSITIVE]] | None = None,  # at most the longest path
+        batches: Annotated[int, POSITIVE] = 10,
+        split: Literal["train", "val", "test"] = "train",
+        bn: Literal[BN_MODES] = "eval",
+        wrt: Literal[WRT] = "input",
+        share: Annotated[float, UNIT] = 0.9,
+        engine: Literal[tuple(ENGINES)] = "fast",
+        chunk: Annotated[int, POSITIVE] = 128,
         decomposition: bool = True,
         seed: int = 0,
-        dtype: str = "float64",
+        dtype: Literal["float32", "float64"] = "float64",
     ):
         self.samples, self.batches, self.chunk, self.seed = samples, batches, chunk, seed
         self.lengths = None if lengths is None else sorted({int(k) for k in lengths})

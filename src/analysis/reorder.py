@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Sequence
+from typing import Annotated
 
 import pandas as pd
 from scipy.stats import kendalltau
@@ -24,6 +25,7 @@ from src.analysis.delete_many import smooth_headline
 from src.engines.lesion import lesion_plan
 from src.errors import ConfigError
 from src.models.network import Network, Plan
+from src.schema import NON_NEGATIVE, POSITIVE
 from src.studies import Study
 
 
@@ -62,8 +64,8 @@ class Reorder(LesionStudy):
 
     def __init__(
         self,
-        swaps: Sequence[int] = (0, 1, 2, 4, 8, 16, 32, 64),
-        trials: int = 10,
+        swaps: Sequence[Annotated[int, NON_NEGATIVE]] = (0, 1, 2, 4, 8, 16, 32, 64),
+        trials: Annotated[int, POSITIVE] = 10,
         seed: int = 0,
         same_kind: bool = True,
         **kwargs,
