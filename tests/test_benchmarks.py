@@ -15,6 +15,7 @@ from tests.conftest import REPO, cli_env
 BENCH = REPO / "benchmarks"
 SMOKE = {  # script -> tiny arguments (CPU, one thread)
     "augment.py": ["--images", "64", "--batch", "16", "--repeats", "1"],
+    "distributed.py": "--n-test 8 --blocks-per-stage 2 --trials 1 --repeats 1".split(),
     "gpu_throughput.py": "--device cpu --steps 2 --warmup 1 --batch 4 --images 16".split()
     + ["--blocks-per-stage", "1"],
     "gradient_paths.py": "--batch 1 --samples 1 --straight 2 --device cpu".split(),
