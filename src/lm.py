@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
-from src import seeds
+from src import precision, seeds
 from src.errors import ConfigError
 from src.models.network import Network, Plan
 from src.module import Recipe
@@ -125,10 +125,12 @@ class LanguageModel(L.LightningModule):
         error.reset()
 
     def validation_step(self, batch, batch_idx: int):
-        self._eval_step(batch, "val")
+        with precision.evaluating(self.device):
+            self._eval_step(batch, "val")
 
     def test_step(self, batch, batch_idx: int):
-        self._eval_step(batch, "test")
+        with precision.evaluating(self.device):
+            self._eval_step(batch, "test")
 
     def on_validation_epoch_end(self) -> None:
         self._epoch_end("val")

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from src import bn, seeds
+from src import bn, precision, seeds
 from src.errors import ConfigError
 from src.models.network import Network, Plan
 from src.schema import NON_NEGATIVE, POSITIVE, Range
@@ -262,10 +262,12 @@ class Classifier(L.LightningModule):
                 metric.reset()
 
     def validation_step(self, batch, batch_idx: int):
-        self._eval_step(batch, "val")
+        with precision.evaluating(self.device):
+            self._eval_step(batch, "val")
 
     def test_step(self, batch, batch_idx: int):
-        self._eval_step(batch, "test")
+        with precision.evaluating(self.device):
+            self._eval_step(batch, "test")
 
     def configure_optimizers(self):
         return self.recipe.configure(self)

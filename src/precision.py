@@ -11,7 +11,9 @@ as before elsewhere.
   are fast in; `channels_last` / `contiguous` force it. Language models stay as they are.
 
 `choose` says which precision and layout a run uses and why, in one line that `src.run` logs.
-The analyses run after training on `pl_module.net` outside autocast, in its fp32 (or fp64) weights.
+Mixed precision is for training steps only: validation and testing run `evaluating()`, outside
+autocast, as the analyses do on `pl_module.net` after testing (fp32 or fp64 weights), so the
+run's `test_error` and every study's `baseline` are one number, on every device.
 """
 
 from __future__ import annotations
@@ -63,6 +65,14 @@ def auto_precision(accelerator: str = "auto") -> str:
 
 
 OmegaConf.register_new_resolver("auto_precision", auto_precision, replace=True)
+
+
+def evaluating(device):
+    """The context of every validation and test step: autocast off on `device` (Lightning's
+    mixed-precision plugin turns it on around each step), the network in its own dtype."""
+    import torch
+
+    return torch.autocast(torch.device(device).type, enabled=False)
 
 
 def convolutional(net) -> bool:

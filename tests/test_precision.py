@@ -101,7 +101,7 @@ class Probe(L.Callback):
         self.out = pl_module.net(x).dtype
 
 
-def test_analyses_run_in_fp32_after_bf16_training():
+def test_evaluation_and_analyses_run_in_fp32_after_bf16_training():
     from src.data import DigitsDataModule
     from src.module import Classifier
 
@@ -121,10 +121,17 @@ def test_analyses_run_in_fp32_after_bf16_training():
         enable_model_summary=False,
         callbacks=[probe],
     )
+    seen = []  # (stage, autocast on) at every forward of the network
+    net.register_forward_pre_hook(
+        lambda *_: seen.append((str(trainer.state.stage), torch.is_autocast_enabled("cpu")))
+    )
     dm = DigitsDataModule(batch_size=16)
     trainer.fit(module, dm)
     trainer.test(module, dm, verbose=False)
     assert not probe.autocast and probe.dtypes == {torch.float32} and probe.out == torch.float32
+    # training steps ran under autocast, validation and testing outside it (test_error = baseline)
+    assert {s for s, on in seen if on} == {"RunningStage.TRAINING"}, seen
+    assert {"RunningStage.SANITY_CHECKING", "RunningStage.TESTING"} <= {s for s, on in seen}
 
 
 @pytest.mark.slow
