@@ -119,6 +119,12 @@ class Part:
         mine = self.shard_items(costs)
         return [mine[j] for j in assign([costs[i] for i in mine], self.ranks)[self.rank]]
 
+    def owns(self, item: int) -> bool:
+        """Whether this rank computes `item` of a stream of equal-cost items whose number is
+        not known in advance (test batches): round robin over the shards, then over the ranks."""
+        count, index = self.shard.count, self.shard.index
+        return item % count == index and (item // count) % self.ranks == self.rank
+
 
 def gather(results: dict, ranks: int = 1) -> dict:
     """Every rank's {item: result} merged on every rank (one process: `results` as it is)."""

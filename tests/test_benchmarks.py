@@ -20,6 +20,7 @@ SMOKE = {  # script -> tiny arguments (CPU, one thread)
     + ["--blocks-per-stage", "1"],
     "gradient_paths.py": "--batch 1 --samples 1 --straight 2 --device cpu".split(),
     "lesion_engine.py": "--n-test 2 --batch-size 2 --repeats 1 --device cpu --threads 1".split(),
+    "preset_training.py": "--presets quick --seeds 0 model=resnet20 trainer.max_steps=2".split(),
     "precision.py": "--depths 8 --shapes 8x2 --steps 1 --warmup 1 --repeats 1 --threads 1".split(),
     "stochastic_depth.py": "--blocks 1 --batch 2 --steps 2 --repeats 1 --device cpu".split(),
     "training_step.py": "--blocks 1 --steps 3 --warmup 1 --repeats 1 --batch 4 --threads 1".split(),

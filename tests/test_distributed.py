@@ -200,7 +200,11 @@ def test_every_study_gives_the_same_tables_on_two_ranks(checkpoint, one_process,
     assert_same_tables(tables(out), want)
 
 
-SHARDED = ("delete_many", "gradient_paths")
+SHARDED = {  # study -> the tables its shards' rows merge into
+    "delete_many": ["delete_many"],
+    "gradient_paths": ["gradient_paths", "path_decomposition"],
+    "importance": ["importance", "angular_distance", "importance_correlation"],
+}
 
 
 @pytest.mark.slow
@@ -223,8 +227,7 @@ def test_shards_merged_by_the_sweep_report_equal_the_whole_study(checkpoint, one
         assert set(part.shard) == {"1/2"} and 0 < len(part)
         merged = pd.read_parquet(sweep / "report" / "tables.parquet")
         assert merged.run_dir.nunique() == 1
-        names = [study, "path_decomposition"] if study == "gradient_paths" else [study]
-        for name in names:
+        for name in SHARDED[study]:
             got = merged[merged.study == name].dropna(axis=1, how="all").drop(columns="run_id")
             t = want[name].dropna(axis=1, how="all")
             g = got[list(t.columns)].reset_index(drop=True)

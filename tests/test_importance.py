@@ -197,3 +197,43 @@ def test_prune_on_a_language_model_writes_every_strategy(tmp_path, monkeypatch):
         f"{i}.{k}" for i in range(3) for k in ("attn", "mlp")
     }
     assert greedy.loss.iloc[1] <= rows[(rows.k == 1) & (rows.strategy == "random")].loss.max()
+
+
+@pytest.mark.parametrize("deletions", [True, False])
+def test_importance_shards_merge_into_the_whole_runs_tables(deletions):
+    """Three shards (test batches round robin), their per-example rows merged by the report's
+    `merge`, give the tables one process writes, bit for bit; an overlap is refused."""
+    from src.analysis import importance as study
+    from src.distributed import Part, Shard
+    from src.engines.importance import batch_scores, combine, run_key
+
+    net = _net()
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(n, 1, 8, 8, generator=g), torch.arange(n) % 10) for n in (6, 6, 6, 4)]
+    how = study.Settings("error", deletions, 50, 0.9, 3)
+    info = dict(enumerate(net.block_info()))
+    scored = combine(net, FULL, batch_scores(net, data, deletions=deletions))
+    whole, _ = study.tables_of(info, scored, how)
+    assert set(whole) == {"importance", "angular_distance"} | (
+        {"importance_correlation"} if deletions else set()
+    )
+    shards = []
+    for i in range(3):
+        owned = Part(Shard(i, 3)).owns
+        pieces = batch_scores(net, data, deletions=deletions, owned=owned)
+        assert sorted(pieces) == [b for b in range(4) if b % 3 == i]
+        shards.append(study.shard_tables(net.block_info(), pieces, run_key(net, FULL), how))
+    meta = {"run_dir": "r", "model": "m", "study": "importance"}
+    rows = {
+        name: pd.concat([s[name].assign(**meta) for s in shards[::-1]], ignore_index=True)
+        for name in shards[0]
+    }
+    assert len(rows["importance"]) == 22 * net.n_blocks  # one row per example and block
+    merged = study.merge(rows)
+    for name, t in whole.items():
+        got = merged[name]
+        assert (got.study == name).all() and (got.model == "m").all()
+        pd.testing.assert_frame_equal(got[list(t.columns)], t, check_exact=True, obj=name)
+    twice = dict(rows, importance=pd.concat([rows["importance"], shards[0]["importance"]]))
+    with pytest.raises(ConfigError, match="overlap"):
+        study.merge(twice)

@@ -394,12 +394,17 @@ class LesionStudy(AnalysisCallback):
     def values(self, rows: pd.DataFrame, metric: str, baseline: float) -> pd.DataFrame:
         """The study's rows (value column named `metric`) with the unlesioned `baseline`, for
         loss also `perplexity` (exp of the loss), and the bn mode."""
+        return LesionStudy.valued(rows, metric, baseline, self.bn)
+
+    @staticmethod
+    def valued(rows: pd.DataFrame, metric: str, baseline: float, bn: str) -> pd.DataFrame:
+        """`values` with the bn mode given (a report's merge of shards has no study object)."""
         if metric == "loss":
             rows["perplexity"] = rows["loss"].map(math.exp)
         rows["baseline"] = baseline
         if metric == "loss":
             rows["baseline_perplexity"] = math.exp(baseline)
-        rows["bn"] = self.bn
+        rows["bn"] = bn
         return rows
 
     @staticmethod

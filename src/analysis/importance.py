@@ -19,13 +19,14 @@ damage) and `angular_distance.png` (Gromov's heatmap).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Annotated
 
 import pandas as pd
 
-from src import figures, stats
+from src import figures, results, stats
 from src.analysis.base import LesionStudy
 from src.distributed import gather
 from src.engines.importance import (
@@ -34,10 +35,12 @@ from src.engines.importance import (
     batch_scores,
     column_means,
     combine,
+    combine_pieces,
+    run_key,
     spearman_ci,
 )
 from src.errors import ConfigError
-from src.models.network import FULL, Network
+from src.models.network import BLOCK_INFO, FULL
 from src.schema import NON_NEGATIVE, POSITIVE, Range
 from src.studies import Study
 
@@ -45,10 +48,9 @@ RUNS_TABLE = "angular_distance"
 CORRELATION_TABLE = "importance_correlation"
 
 
-def score_rows(net: Network, scored: Scores, metric: str) -> pd.DataFrame:
-    """One row per scored block: its info, the mean of each score, the metric under its deletion
-    (when measured) and the rise over the unlesioned value."""
-    info = net.block_info()
+def score_rows(info: dict[int, dict], scored: Scores, metric: str) -> pd.DataFrame:
+    """One row per scored block: its info ({block: Network.block_info row}), the mean of each
+    score, the metric under its deletion (when measured) and the rise over the unlesioned value."""
     means = {k: column_means(v) for k, v in scored.scores.items()}
     rows = []
     for j, i in enumerate(scored.blocks):
@@ -70,13 +72,133 @@ def correlations(scored: Scores, resamples: int, level: float, seed: int) -> pd.
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What turns one run's scores into its tables (the study's keys; a shard's rows carry them
+    for the report's merge)."""
+
+    metric: str
+    deletions: bool
+    resamples: int
+    level: float
+    bootstrap_seed: int
+    bn: str = "eval"
+
+
+def tables_of(info: dict[int, dict], scored: Scores, how: Settings) -> tuple[dict, dict]:
+    """({table: rows}, summary) of one run's scores: `importance`, `angular_distance` and, with
+    deletions, `importance_correlation`; the same for a whole run and for merged shards."""
+    metric, baseline = how.metric, float(scored.base.mean())
+    rows = score_rows(info, scored, metric)
+    summary = LesionStudy.baselines(metric, baseline)
+    out = {}
+    if how.deletions:
+        rows["rise"] = rows[metric] - baseline
+        rows = LesionStudy.valued(rows, metric, baseline, how.bn)
+        corr = correlations(scored, how.resamples, how.level, how.bootstrap_seed)
+        summary["spearman"] = {
+            r.score: {"rho": r.rho, "low": r.low, "high": r.high} for r in corr.itertuples()
+        }
+        out[CORRELATION_TABLE] = corr
+    else:
+        rows["baseline"], rows["bn"] = baseline, how.bn
+    out[RUNS_TABLE] = pd.DataFrame(
+        [
+            {"first_block": a, "last_block": b, "m": m, "angular_distance": d}
+            for (a, b, m), d in scored.runs.items()
+        ]
+    )
+    out[STUDY.name] = rows
+    return out, summary
+
+
+# --- shards: a shard's per-example rows, and the report's merge of them -----------------------
+
+EXAMPLE = ("batch", "example")  # a shard's row: one test example (of one batch) and block
+UNLESIONED = "unlesioned"  # the example's metric under the base plan
+RUN_SUM = "angular_distance_sum"  # a batch's sum over its examples of a run's distance
+
+
+def shard_tables(info: list[dict], pieces: dict[int, dict], key, how: Settings) -> dict:
+    """A shard's pieces (its test batches) as rows the report can merge: one per (batch,
+    example, block) with the scores, the example's metric under the block's deletion and
+    unlesioned, and the settings; one per (batch, run) with the sum of its distances."""
+    settings = dataclasses.asdict(how)
+    rows, runs = [], []
+    for b, p in sorted(pieces.items()):
+        for e in range(p["n"]):
+            base = {"batch": b, "example": e, UNLESIONED: float(p["base"][e])}
+            for j, i in enumerate(p["blocks"]):
+                row = {**base, **info[i], **{k: float(p["scores"][k][e, j]) for k in SCORES}}
+                if p["deleted"] is not None:
+                    row[how.metric] = float(p["deleted"][e, j])
+                rows.append(row | settings)
+        for k, total in p["runs"].items():
+            first, last, m = key(k)
+            runs.append(
+                {"batch": b, "first_block": first, "last_block": last, "m": m, RUN_SUM: total}
+            )
+    return {STUDY.name: pd.DataFrame(rows), RUNS_TABLE: pd.DataFrame(runs)}
+
+
+def merge(tables: dict) -> dict:
+    """The shards' per-example rows (`shard=i/n`) as the unsharded tables: the pieces of every
+    batch rebuilt, combined in batch order and turned into tables as one process does."""
+    import torch
+
+    t = tables.get(STUDY.name)
+    if t is None or "example" not in t:
+        return tables
+    t = t.sort_values(list(EXAMPLE), kind="stable")  # a batch's rows stay in block order
+    twice = t.duplicated([*EXAMPLE, "block"])
+    if twice.any():
+        b = int(t.batch[twice].iloc[0])
+        raise ConfigError(f"the shards of importance overlap (test batch {b} in two of them)")
+    first = t.iloc[0]
+    how = Settings(**{f.name: first[f.name] for f in dataclasses.fields(Settings)})
+    how = dataclasses.replace(how, deletions=bool(how.deletions), resamples=int(how.resamples))
+    how = dataclasses.replace(how, bootstrap_seed=int(how.bootstrap_seed))
+    runs = tables.get(RUNS_TABLE, pd.DataFrame(columns=["batch"]))
+    pieces = {}
+    for b, tb in t.groupby("batch", sort=True):
+        blocks = [int(i) for i in dict.fromkeys(tb.block)]
+        n = len(tb) // len(blocks)
+
+        def col(c, tb=tb, n=n):
+            return torch.from_numpy(tb[c].to_numpy(dtype="float64").reshape(n, -1))
+
+        rb = runs[runs.batch == b]
+        pieces[int(b)] = {
+            "blocks": blocks,
+            "n": n,
+            "scores": {k: col(k) for k in SCORES},
+            "base": col(UNLESIONED)[:, 0],
+            "deleted": col(how.metric) if how.deletions else None,
+            "runs": {
+                (int(r.first_block), int(r.last_block), int(r.m)): float(getattr(r, RUN_SUM))
+                for r in rb.itertuples()
+            },
+        }
+    kept = [c for c in BLOCK_INFO if c in t]
+    info = {int(r["block"]): r for r in t.drop_duplicates("block")[kept].to_dict("records")}
+    out, _ = tables_of(info, combine_pieces(pieces), how)
+    front = [c for c in t.columns if c in results.META or c in ("run_dir", "shard")]
+    merged = dict(tables)
+    for name, rows in out.items():
+        meta = t[front].iloc[[0] * len(rows)].reset_index(drop=True).assign(study=name)
+        merged[name] = pd.concat([meta, rows.reset_index(drop=True)], axis=1)
+    return merged
+
+
 class Importance(LesionStudy):
     """max_run: the longest run of consecutive blocks for the angular-distance heatmap (None:
     half the blocks); deletions: also measure each block's single deletion (needed for the
-    correlations); resamples, level, seed: the bootstrap over test examples."""
+    correlations); resamples, level, seed: the bootstrap over test examples. Under DDP and in
+    shards (`shard=i/n`) the test batches go round robin to the shards, then to the ranks; a
+    shard writes per-example rows, merged by the sweep's report."""
 
     name = "importance"
-    shardable = False  # its correlations need every example's scores in one place
+    shardable = True  # its batches: each one's scores its own
 
     def __init__(
         self,
@@ -109,7 +231,7 @@ class Importance(LesionStudy):
         base = FULL if pl_module.eval_plan is None else pl_module.eval_plan
         metric = self.measure(pl_module)
         device = self.device or pl_module.device
-        part = self.part()  # under DDP: the test batches round-robin over the ranks
+        part = self.part()
         pieces = batch_scores(
             net,
             batches(trainer.datamodule, "test", device=device),
@@ -119,37 +241,25 @@ class Importance(LesionStudy):
             max_run=self.max_run,
             deletions=self.deletions,
             reuse=self.reuse,
-            owned=lambda b: b % part.ranks == part.rank,
+            owned=part.owns,
         )
-        scored = combine(net, base, gather(pieces, part.ranks), self.max_run)
-        baseline = float(scored.base.mean())
-        rows = score_rows(net, scored, metric)
-        summary = {**self.baselines(metric, baseline), "label": self.run_label(pl_module)}
-        if self.deletions:
-            rows["rise"] = rows[metric] - baseline
-            rows = self.values(rows, metric, baseline)
-            corr = correlations(scored, self.resamples, self.level, self.seed)
-            summary["spearman"] = {
-                r.score: {"rho": r.rho, "low": r.low, "high": r.high} for r in corr.itertuples()
-            }
-            self.record(trainer, pl_module, corr, study=CORRELATION_TABLE, metric=metric)
+        pieces = gather(pieces, part.ranks)
+        how = Settings(metric, self.deletions, self.resamples, self.level, self.seed, self.bn)
+        if part.shard.whole:
+            out, summary = tables_of(
+                dict(enumerate(net.block_info())), combine(net, base, pieces), how
+            )
         else:
-            rows["baseline"], rows["bn"] = baseline, self.bn
-        runs = pd.DataFrame(
-            [
-                {"first_block": a, "last_block": b, "m": m, "angular_distance": d}
-                for (a, b, m), d in scored.runs.items()
-            ]
-        )
+            out, summary = shard_tables(net.block_info(), pieces, run_key(net, base), how), {}
+        summary["label"] = self.run_label(pl_module)
+        for name in (CORRELATION_TABLE, RUNS_TABLE):
+            if name in out:
+                runs = name == RUNS_TABLE and len(out[name])
+                figure = figures.angular_distance if runs else None
+                self.record(trainer, pl_module, out[name], figure=figure, study=name, metric=metric)
         self.record(
-            trainer,
-            pl_module,
-            runs,
-            figure=figures.angular_distance if len(runs) else None,
-            study=RUNS_TABLE,
-            metric=metric,
+            trainer, pl_module, out[self.name], summary, STUDY.figure(metric), metric=metric
         )
-        self.record(trainer, pl_module, rows, summary, STUDY.figure(metric), metric=metric)
 
 
 def per_run_rho(t: pd.DataFrame, score: str, metric: str) -> float:
@@ -189,4 +299,5 @@ STUDY = Study(
     claim="(Not in the paper; ShortGPT, Gromov et al.) A block whose output barely differs from "
     "its input (low Block Influence, small angular distance) can be deleted with little damage: "
     "the scores rank blocks as their deletions do.",
+    merge=merge,
 )

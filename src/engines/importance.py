@@ -212,7 +212,7 @@ def batch_scores(
                 continue
             x, y = x.to(dev), y.to(dev)
             logits, per_block, runs = scored_pass(net, x, base, max_run)
-            if b == 0:
+            if not pieces:  # the first batch scored here (a shard's may not be batch 0)
                 check_equal(net, logits, x, base)
             blocks = [i for i in seq if i in per_block]
             piece = {
@@ -238,23 +238,35 @@ def batch_scores(
     return pieces
 
 
+def run_key(net: Network, base: Plan | None) -> Callable[[tuple[int, int]], tuple[int, int, int]]:
+    """A piece's run key (first step, m) -> (first block, last block, m), under `base`."""
+    base = FULL if base is None else base
+    seq = base.sequence(net.n_blocks)
+    steps = net.steps(base)
+    first = [seq[s[0]] for s in steps]
+    last = [seq[s[-1]] for s in steps]
+    return lambda key: (first[key[0]], last[key[0] + key[1] - 1], key[1])
+
+
 def combine(
     net: Network, base: Plan | None, pieces: dict[int, dict], max_run: int | None = None
 ) -> Scores:
-    """The `Scores` of every batch's piece, in batch order (the sums of the runs' distances
-    accumulated in that order, as one pass over the batches does)."""
-    base = FULL if base is None else base
+    """The `Scores` of every batch's piece (`batch_scores`) of `net` under `base`."""
+    return combine_pieces(pieces, run_key(net, base))
+
+
+def combine_pieces(pieces: dict[int, dict], key: Callable[[tuple], tuple] | None = None) -> Scores:
+    """The `Scores` of pieces, in batch order (the sums of the runs' distances accumulated in
+    that order, as one pass over the batches does). `key`: a piece's run key -> the Scores' (first
+    block, last block, m) (None: the pieces' runs are keyed so already)."""
     if not pieces or sum(p["n"] for p in pieces.values()) == 0:
         raise ConfigError("the test split is empty: nothing to score blocks on")
-    seq = base.sequence(net.n_blocks)
-    steps = net.steps(base)
-    first = [seq[s[0]] for s in steps] + [None]
-    last = [seq[s[-1]] for s in steps]
     order = [pieces[b] for b in sorted(pieces)]
-    run_sums: dict[tuple[int, int], float] = {}
+    run_sums: dict[tuple, float] = {}
     for piece in order:
-        for key, v in piece["runs"].items():
-            run_sums[key] = run_sums.get(key, 0.0) + v
+        for k, v in piece["runs"].items():
+            k = k if key is None else key(k)
+            run_sums[k] = run_sums.get(k, 0.0) + v
     total = sum(p["n"] for p in order)
     deletions = order[0]["deleted"] is not None
     return Scores(
@@ -262,7 +274,7 @@ def combine(
         scores={k: torch.cat([p["scores"][k] for p in order]).numpy() for k in SCORES},
         base=torch.cat([p["base"] for p in order]).numpy(),
         deleted=torch.cat([p["deleted"] for p in order]).numpy() if deletions else None,
-        runs={(first[a], last[a + m - 1], m): s / total for (a, m), s in run_sums.items()},
+        runs={k: s / total for k, s in run_sums.items()},
     )
 
 

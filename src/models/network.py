@@ -180,6 +180,9 @@ def _skip(block: Block, h: Tensor) -> Tensor:
     return block.skip(h)
 
 
+BLOCK_INFO = ("block", "stage", "downsampling", "layer", "kind")  # Network.block_info's keys
+
+
 def _autocast(device: str):
     """The autocast dtype in effect on `device` (False: none)."""
     if not hasattr(torch, "get_autocast_dtype"):  # torch < 2.4
@@ -289,7 +292,7 @@ class Network(nn.Module):
 
     def block_info(self) -> list[dict]:
         """Index, stage and downsampling flag of every block (for lesion tables); transformer
-        blocks add their layer index and branch kind."""
+        blocks add their layer index and branch kind (the keys: BLOCK_INFO)."""
         rows = []
         for i, b in enumerate(self.blocks):
             row = {"block": i, "stage": b.stage, "downsampling": b.downsampling}
