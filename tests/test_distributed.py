@@ -182,7 +182,8 @@ def one_process(checkpoint, tmp_path_factory):
 @pytest.mark.ddp
 def test_every_study_gives_the_same_tables_on_two_ranks(checkpoint, one_process, tmp_path):
     """train=false under trainer=ddp (2 CPU processes, gloo): every study splits its work over
-    both ranks (prune runs on rank 0) and rank 0 records tables equal to one process's."""
+    both ranks (prune: its greedy rounds and test evaluations) and rank 0 records tables equal
+    to one process's."""
     out = tmp_path / "ddp"
     run_cli(
         "train=false",

@@ -31,6 +31,7 @@ import pandas as pd
 
 from src import figures, stats
 from src.analysis.base import LesionStudy
+from src.distributed import evaluate
 from src.engines import prune as search
 from src.engines.importance import SCORES, block_scores
 from src.engines.lesion import lesion_errors, lesion_plan
@@ -63,7 +64,10 @@ class Prune(LesionStudy):
     error of a trained network on training batches is mostly 0, a tie for most deletions)."""
 
     name = "prune"
-    splits = shardable = False  # greedy search is sequential; healing and export run once (rank 0)
+    # under DDP each greedy round's candidates and the chosen sets' test evaluations split
+    # across the ranks; healing and export run on rank 0. Not in shards: each greedy round
+    # depends on the one before (jobs would have to meet every round).
+    splits, shardable = True, False
 
     def __init__(
         self,
@@ -162,11 +166,20 @@ class Prune(LesionStudy):
         found = None
         if "greedy" in self.strategies:
             found = search.greedy(
-                net, units, calibration, base, self.max_k, metric, self.reuse, device, self.progress
-            )
+                net, units, calibration, base, self.max_k, metric, self.reuse, device,
+                self.progress, spread=functools.partial(self.spread, net),
+            )  # fmt: skip
             for k in ks:
                 chosen.append(("greedy", k, 0, search.blocks_of(units, found.order[:k])))
         return chosen, found
+
+    def spread(self, net: Network, plans: list[Plan], base: Plan, measure) -> list[float]:
+        """`measure(plans)` across this job's ranks, each its share by cost (on top of `base`)."""
+        costs = [self.cost(net, base, plan) for plan in plans]
+        got = evaluate(
+            self.part(), costs, lambda items: dict(zip(items, measure([plans[i] for i in items])))
+        )
+        return [got[i] for i in range(len(plans))]
 
     def analyse(self, trainer, pl_module) -> None:
         from src.bn import training_batches
@@ -180,7 +193,17 @@ class Prune(LesionStudy):
         )
         chosen, found = self.choose(net, base, calibration, self.search_metric, device)
         plans = [lesion_plan(base, blocks) for *_, blocks in chosen]
-        baseline, values = self.evaluate(trainer, pl_module, plans)
+        baseline = []
+
+        def measure(some: list[Plan]) -> list[float]:
+            value, values = self.evaluate(trainer, pl_module, some)
+            baseline.append(value)
+            return values
+
+        values = self.spread(net, plans, base, measure)
+        [baseline] = baseline  # every rank measures it (and its own plans)
+        if not getattr(trainer, "is_global_zero", True):  # rank 0 heals, exports and records
+            return
         rows = pd.DataFrame(
             [
                 {

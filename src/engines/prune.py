@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -91,9 +91,12 @@ def greedy(
     reuse: bool = True,
     device=None,
     progress: bool = False,
+    spread: Callable | None = None,
 ) -> Greedy:
     """Delete `k_max` units one at a time, each round the one whose deletion (on top of those
-    before) gives the lowest `metric` on `batches` (ties: the lower index)."""
+    before) gives the lowest `metric` on `batches` (ties: the lower index). `spread(plans, now,
+    measure)`: how a round's plans get measured (e.g. split across DDP ranks), where
+    `measure(some plans)` gives their values on top of `now` (None: all here, in order)."""
     out, chosen = Greedy(), []
     start = time.perf_counter()
     for r in range(k_max):
@@ -101,17 +104,21 @@ def greedy(
         # the round's own base, the deletions so far: each candidate restarts at its own unit
         now = lesion_plan(base, blocks_of(units, chosen))
         plans = [lesion_plan(now, units[u]) for u in left]
-        _, values = lesion_errors(
-            net,
-            plans,
-            batches,
-            base=now,
-            reuse=reuse,
-            device=device,
-            metric=metric,
-            progress=progress,
-            description=f"greedy search, round {r + 1}/{k_max}",
-        )
+
+        def measure(some: Sequence[Plan], now=now, r=r) -> list[float]:
+            return lesion_errors(
+                net,
+                some,
+                batches,
+                base=now,
+                reuse=reuse,
+                device=device,
+                metric=metric,
+                progress=progress,
+                description=f"greedy search, round {r + 1}/{k_max}",
+            )[1]
+
+        values = measure(plans) if spread is None else spread(plans, now, measure)
         j = int(np.argmin(values))  # the first of equal values: the lowest index
         chosen.append(left[j])
         out.order.append(left[j])
