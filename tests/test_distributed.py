@@ -31,7 +31,11 @@ OF = {
     ),
     "duplicate": ("+lesion@callbacks.duplicate=duplicate",),
     "half_strength": ("+lesion@callbacks.half_strength=half_strength",),
-    "importance": ("+lesion@callbacks.importance=importance", "callbacks.importance.resamples=50"),
+    "importance": (  # 3 test batches: a shard (a rank) of 2 gets 2 or 1 of them
+        "+lesion@callbacks.importance=importance",
+        "callbacks.importance.resamples=50",
+        "data.eval_batch_size=128",
+    ),
     "prune": (
         "+lesion@callbacks.prune=prune",
         "callbacks.prune.max_k=2",

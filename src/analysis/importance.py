@@ -123,7 +123,7 @@ def shard_tables(info: list[dict], pieces: dict[int, dict], key, how: Settings) 
     """A shard's pieces (its test batches) as rows the report can merge: one per (batch,
     example, block) with the scores, the example's metric under the block's deletion and
     unlesioned, and the settings; one per (batch, run) with the sum of its distances."""
-    settings = dataclasses.asdict(how)
+    settings = {k: v for k, v in dataclasses.asdict(how).items() if k != "metric"}  # META's
     rows, runs = [], []
     for b, p in sorted(pieces.items()):
         for e in range(p["n"]):
@@ -155,7 +155,8 @@ def merge(tables: dict) -> dict:
         b = int(t.batch[twice].iloc[0])
         raise ConfigError(f"the shards of importance overlap (test batch {b} in two of them)")
     first = t.iloc[0]
-    how = Settings(**{f.name: first[f.name] for f in dataclasses.fields(Settings)})
+    keys = [f.name for f in dataclasses.fields(Settings) if f.name != "metric"]
+    how = Settings(metric=first.get("metric", "error"), **{k: first[k] for k in keys})
     how = dataclasses.replace(how, deletions=bool(how.deletions), resamples=int(how.resamples))
     how = dataclasses.replace(how, bootstrap_seed=int(how.bootstrap_seed))
     runs = tables.get(RUNS_TABLE, pd.DataFrame(columns=["batch"]))
@@ -244,6 +245,12 @@ class Importance(LesionStudy):
             owned=part.owns,
         )
         pieces = gather(pieces, part.ranks)
+        if not pieces and not part.shard.whole:
+            raise ConfigError(
+                f"importance.shard={part.shard}: this shard has no test batch (batches go round "
+                f"robin to the {part.shard.count} shards): use fewer shards or a smaller "
+                "data.eval_batch_size"
+            )
         how = Settings(metric, self.deletions, self.resamples, self.level, self.seed, self.bn)
         if part.shard.whole:
             out, summary = tables_of(
