@@ -48,8 +48,8 @@ RUNS_TABLE = "angular_distance"
 CORRELATION_TABLE = "importance_correlation"
 
 
-def score_rows(info: dict[int, dict], scored: Scores, metric: str) -> pd.DataFrame:
-    """One row per scored block: its info ({block: Network.block_info row}), the mean of each
+def score_rows(info, scored: Scores, metric: str) -> pd.DataFrame:
+    """One row per scored block: its info (info[block]: a Network.block_info row), the mean of each
     score, the metric under its deletion (when measured) and the rise over the unlesioned value."""
     means = {k: column_means(v) for k, v in scored.scores.items()}
     rows = []
@@ -85,7 +85,7 @@ class Settings:
     bn: str = "eval"
 
 
-def tables_of(info: dict[int, dict], scored: Scores, how: Settings) -> tuple[dict, dict]:
+def tables_of(info, scored: Scores, how: Settings) -> tuple[dict, dict]:
     """({table: rows}, summary) of one run's scores: `importance`, `angular_distance` and, with
     deletions, `importance_correlation`; the same for a whole run and for merged shards."""
     metric, baseline = how.metric, float(scored.base.mean())
@@ -119,7 +119,7 @@ UNLESIONED = "unlesioned"  # the example's metric under the base plan
 RUN_SUM = "angular_distance_sum"  # a batch's sum over its examples of a run's distance
 
 
-def shard_tables(info: list[dict], pieces: dict[int, dict], key, how: Settings) -> dict:
+def shard_tables(info, pieces: dict[int, dict], key, how: Settings) -> dict:
     """A shard's pieces (its test batches) as rows the report can merge: one per (batch,
     example, block) with the scores, the example's metric under the block's deletion and
     unlesioned, and the settings; one per (batch, run) with the sum of its distances."""
@@ -155,10 +155,14 @@ def merge(tables: dict) -> dict:
         b = int(t.batch[twice].iloc[0])
         raise ConfigError(f"the shards of importance overlap (test batch {b} in two of them)")
     first = t.iloc[0]
-    keys = [f.name for f in dataclasses.fields(Settings) if f.name != "metric"]
-    how = Settings(metric=first.get("metric", "error"), **{k: first[k] for k in keys})
-    how = dataclasses.replace(how, deletions=bool(how.deletions), resamples=int(how.resamples))
-    how = dataclasses.replace(how, bootstrap_seed=int(how.bootstrap_seed))
+    how = Settings(
+        str(first.get("metric", "error")),
+        bool(first.deletions),
+        int(first.resamples),
+        float(first.level),
+        int(first.bootstrap_seed),
+        str(first.bn),
+    )
     runs = tables.get(RUNS_TABLE, pd.DataFrame(columns=["batch"]))
     pieces = {}
     for b, tb in t.groupby("batch", sort=True):
@@ -252,12 +256,11 @@ class Importance(LesionStudy):
                 "data.eval_batch_size"
             )
         how = Settings(metric, self.deletions, self.resamples, self.level, self.seed, self.bn)
+        info = net.block_info()  # indexed by block
         if part.shard.whole:
-            out, summary = tables_of(
-                dict(enumerate(net.block_info())), combine(net, base, pieces), how
-            )
+            out, summary = tables_of(info, combine(net, base, pieces), how)
         else:
-            out, summary = shard_tables(net.block_info(), pieces, run_key(net, base), how), {}
+            out, summary = shard_tables(info, pieces, run_key(net, base), how), {}
         summary["label"] = self.run_label(pl_module)
         for name in (CORRELATION_TABLE, RUNS_TABLE):
             if name in out:
