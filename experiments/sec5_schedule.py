@@ -1,7 +1,8 @@
 """Sec. 5 and Fig. 5a against training length: the table and figure of the runs that
-experiments/sec5_schedule.sh leaves in outputs/sec5_schedule/<preset>_<steps>/.
+experiments/sec5_schedule.sh keeps in experiments/results/sec5_schedule/<preset>_<steps>/
+(metrics and analysis tables, no checkpoints; the same layout as its outputs/ folder).
 
-    python experiments/sec5_schedule.py [--root outputs/sec5_schedule] [--out experiments/figures]
+    python experiments/sec5_schedule.py [--root experiments/results/sec5_schedule] [--out experiments/figures]
 
 Per preset and length: for each test-time rule of the 23-of-54 block-subset networks, the gap
 to full training in pp (paired over seeds: mean, t-based 95% CI, paired t-test p, Welch p), and
@@ -163,7 +164,7 @@ def figure(t: pd.DataFrame, preset: str, path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--root", type=Path, default=Path("outputs/sec5_schedule"))
+    p.add_argument("--root", type=Path, default=Path(__file__).parent / "results" / "sec5_schedule")
     p.add_argument("--out", type=Path, default=Path("experiments/figures"))
     args = p.parse_args()
     rows = [r for d in sorted(args.root.glob("*_*")) if d.is_dir() for r in length_rows(d)]

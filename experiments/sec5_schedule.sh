@@ -7,10 +7,14 @@
 # trained (bn=eval, during the sweep) and re-estimated (bn=recalibrate) statistics.
 #   bash experiments/sec5_schedule.sh [steps ...]          # default: 400 1600 6400
 #   PRESET=medium SEEDS=0,1,2 bash experiments/sec5_schedule.sh 700 2800    # Fashion-MNIST
-# Each length lands in outputs/sec5_schedule/<preset>_<steps>/ (train/: the trainings, retest/:
-# the train=false re-tests); `python -m src.report outputs/sec5_schedule/<preset>_<steps>` rebuilds its report,
-# and `python experiments/sec5_schedule.py` the figure and table across lengths.
-# One thread per run (OMP_NUM_THREADS=1): runs side by side on a shared 2-core box.
+# Each length runs in outputs/sec5_schedule/<preset>_<steps>/ (train/: the trainings, retest/:
+# the train=false re-tests); `python -m src.report outputs/sec5_schedule/<preset>_<steps>` rebuilds its report.
+# Once a seed's six runs have finished, their results (metrics.json and analysis/*.parquet, never
+# checkpoints) are copied to experiments/results/sec5_schedule/<preset>_<steps>/, which is committed:
+# a seed found there is skipped, so the measurement accumulates across sessions and fresh clones,
+# and `python experiments/sec5_schedule.py` builds the figure and table across lengths from it.
+# One thread per run (OMP_NUM_THREADS=1): runs side by side on a shared 2-core box (e.g. one
+# script per length).
 set -euo pipefail
 PRESET=${PRESET:-quick}
 SEEDS=${SEEDS:-0,1,2,3,4}
@@ -24,10 +28,25 @@ run() {
   local again=(); [ -d "$dir/checkpoints" ] && again=(resume=true)
   python -m src.run "$@" "${again[@]}" hydra.run.dir="$dir"
 }
+# keep <root> <store> <run...>: the runs' results, without checkpoints, into the committed store
+keep() {
+  local root=$1 store=$2; shift 2
+  for r in "$@"; do
+    mkdir -p "$store/$r/analysis"
+    cp "$root/$r/metrics.json" "$store/$r/"
+    if compgen -G "$root/$r/analysis/*.parquet" > /dev/null; then
+      cp "$root/$r"/analysis/*.parquet "$store/$r/analysis/"
+    fi
+  done
+}
 for L in "${STEPS[@]}"; do
   root=outputs/sec5_schedule/${PRESET}_${L}
+  store=experiments/results/sec5_schedule/${PRESET}_${L}
   sched=(trainer.max_steps="$L" "optim.milestones=[$((L / 2)),$((3 * L / 4))]" optim.warmup_steps=$((L / 20)))
   for seed in ${SEEDS//,/ }; do
+    runs=(train/k23_seed$seed train/k54_seed$seed retest/k23_seed${seed}_{rescale,recalibrate,ensemble}
+      retest/k54_seed${seed}_delete_many_recalibrate)
+    if [ -f "$store/${runs[-1]}/metrics.json" ]; then continue; fi  # kept by an earlier session
     for k in 23 54; do  # k = 54 of 54: every block every step (full training)
       run "$root/train/k${k}_seed$seed" experiment_name=effective_paths preset="$PRESET" \
         model=resnet110 training=block_subset training.k=$k seed="$seed" "${sched[@]}" \
@@ -41,6 +60,8 @@ for L in "${STEPS[@]}"; do
     run "$root/retest/k54_seed${seed}_delete_many_recalibrate" train=false \
       ckpt_path="$root/train/k54_seed$seed/checkpoints/last.ckpt" \
       +lesion@callbacks.delete_many=delete_many callbacks.delete_many.bn=recalibrate
+    keep "$root" "$store" "${runs[@]}"
+    echo "sec5_schedule: ${PRESET}_$L seed $seed kept in $store"
   done
-  python -m src.report "$root"
+  if [ -d "$root" ]; then python -m src.report "$root"; fi
 done
