@@ -4,11 +4,16 @@ that analysis tests can load their checkpoints (`train=false ckpt_path=...`)."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,18 +58,98 @@ def run_cli(
     env: dict | None = None,
     cwd: Path = REPO,
 ) -> subprocess.CompletedProcess:
-    """`python -m src.run <overrides>` from `cwd` (the repo root); raises with stderr on failure."""
-    res = subprocess.run(
-        [sys.executable, "-m", module, *overrides],
-        cwd=cwd,
-        env=cli_env(env),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """`python -m src.run <overrides>` from `cwd` (the repo root); raises with stderr on failure.
+    Forked from this worker's fork server (tests/forkserver.py: the libraries already imported)
+    where the run's environment is the server's; DDP runs and other environments run plainly."""
+    args = [module, *overrides]
+    server = None if env or any(DDP.search(o) for o in overrides) else forkserver()
+    if server is None:
+        res = subprocess.run(
+            [sys.executable, "-m", *args],
+            cwd=cwd,
+            env=cli_env(env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    else:
+        res = server.run(args, Path(cwd), timeout)
     if check and res.returncode != 0:
         raise AssertionError(f"exit {res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
     return res
+
+
+DDP = re.compile(r"ddp|devices=")  # runs that launch ranks: plain subprocesses, as users run them
+_server: ForkServer | None = None
+
+
+class ForkServer:
+    """This process's fork server (tests/forkserver.py), started with `cli_env()`."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="forkserver-"))
+        self.sock = self.dir / "sock"
+        self.env = cli_env()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "forkserver.py"), str(self.sock)],
+            cwd=self.dir,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the fork server did not start (exit {self.proc.wait()})")
+        self.added = json.loads(line)["added"]  # set by the server's imports, as by a run's own
+        atexit.register(self.close)
+
+    def serves(self, env: dict) -> bool:
+        """Whether a run in `env` can be forked: the server's environment but for what pytest
+        sets per test and what the imports set (absent or, once imported here too, the same)."""
+        if self.proc.poll() is not None:
+            return False
+        skip = {"PYTEST_CURRENT_TEST", *self.added}
+        if any(env.get(k, v) != v for k, v in self.added.items()):
+            return False
+        return {k: v for k, v in env.items() if k not in skip} == {
+            k: v for k, v in self.env.items() if k not in skip
+        }
+
+    def run(self, args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+        out, err = self.dir / "stdout", self.dir / "stderr"
+        req = {"module": args[0], "args": args[1:], "cwd": str(cwd), "env": cli_env()}
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(self.sock))
+            s.sendall((json.dumps({**req, "stdout": str(out), "stderr": str(err)}) + "\n").encode())
+            s.settimeout(timeout)
+            lines = s.makefile()
+            pid = json.loads(lines.readline())["pid"]
+            try:
+                status = json.loads(lines.readline())["status"]
+            except TimeoutError:
+                os.kill(pid, signal.SIGKILL)
+                raise subprocess.TimeoutExpired([sys.executable, "-m", *args], timeout) from None
+        return subprocess.CompletedProcess(
+            [sys.executable, "-m", *args], status, out.read_text(), err.read_text()
+        )
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def forkserver() -> ForkServer | None:
+    """This process's fork server, started at first use; None where os.environ has changed
+    since (the server's imports read the environment it started with), where it has died, or
+    with CLI_FORKSERVER=0."""
+    global _server
+    if os.environ.get("CLI_FORKSERVER") == "0":  # every run a plain subprocess
+        return None
+    if _server is None:
+        _server = ForkServer()
+    return _server if _server.serves(cli_env()) else None
 
 
 def fresh_copy(dest: Path) -> Path:
