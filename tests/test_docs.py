@@ -621,17 +621,23 @@ def check_resume(command, tmp_path_factory, tmp_path):
 
 
 def check_lesions_over_training(command, tmp_path_factory, tmp_path):
-    """ResNet-110 trained three ways, each block deleted every 50 steps (and at step 0): one
-    table per run with a `step` column, and the sweep's heatmap, one panel per training."""
+    """ResNet-110 (or, with arm=vit, the ViT's 24 sub-layers) trained three ways, each block
+    deleted every 50 steps (and at step 0): one table per run with a `step` column, and the
+    sweep's heatmap, one panel per training."""
     import pandas as pd
 
+    vit = "arm=vit" in command
     copy = fresh_copy(tmp_path)
     run_cli(*shortened(command), cwd=copy)
     sweep = sweep_dir(copy, "lesions_over_training")
     trainings = set()
     for job in (sweep / "0", sweep / "1", sweep / "2"):
         t = pd.read_parquet(job / "analysis" / "delete_single.parquet")
-        assert sorted(t.step.unique()) == [0, 20] and len(t) == 2 * 54  # step 0 and the end
+        n = 24 if vit else 54
+        assert sorted(t.step.unique()) == [0, 20] and len(t) == 2 * n  # step 0 and the end
+        assert set(t.model) == {"vit_tiny" if vit else "resnet110"}
+        if vit:
+            assert set(t.kind) == {"attn", "mlp"}
         trainings |= set(t.training)
     assert trainings == {"standard", "stochastic_depth", "block_subset"}
     assert_figure(sweep / "report" / "delete_single.png")
@@ -808,7 +814,7 @@ RULES = [
         check_resume,
     ),
     Rule(
-        r"python -m src\.run experiment=lesions_over_training preset=quick",
+        r"python -m src\.run experiment=lesions_over_training preset=quick( arm=vit)?",
         check_lesions_over_training,
     ),
     Rule(
