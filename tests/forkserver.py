@@ -24,6 +24,7 @@ import logging
 import os
 import socket
 import sys
+import weakref
 
 PRELOAD = (
     "numpy",
@@ -51,6 +52,10 @@ def child(req: dict) -> int:
 
     import numpy as np
 
+    # The server's own finalizers (W&B's media temp dir, made at import) are not the child's to
+    # run at its exit: the first child would delete what every later one writes into.
+    for f in list(weakref.finalize._registry):
+        f.atexit = False
     os.chdir(req["cwd"])
     os.environ.clear()
     os.environ.update(req["env"])
@@ -84,12 +89,17 @@ def serve(path: str) -> None:
     stand_in = logging.NullHandler()
     root.addHandler(stand_in)
     before = dict(os.environ)
+    # W&B makes per-process state at import (a media temp dir that its exit handler deletes):
+    # it stays out of the server (timm's optional import of it sees it missing) and each run
+    # imports its own.
+    sys.modules["wandb"] = None
     for name in PRELOAD:
         __import__(name)
+    del sys.modules["wandb"]
     root.removeHandler(stand_in)
     # what the imports set (scikit-learn's KMP_* defaults): a fresh run's imports set them too
     added = {k: v for k, v in os.environ.items() if before.get(k) != v}
-    assert not any(m == "src" or m.startswith("src.") for m in sys.modules), "src preloaded"
+    assert not any(m == "src" or m.startswith(("src.", "wandb")) for m in sys.modules), "preloaded"
     gc.freeze()  # the imported objects stay out of the children's collections: no page copies
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(path)
