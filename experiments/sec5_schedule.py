@@ -2,7 +2,8 @@
 experiments/sec5_schedule.sh keeps in experiments/results/sec5_schedule/<preset>_<steps>/
 (metrics and analysis tables, no checkpoints; the same layout as its outputs/ folder).
 
-    python experiments/sec5_schedule.py [--root experiments/results/sec5_schedule] [--out experiments/figures]
+    python experiments/sec5_schedule.py [--root experiments/results/sec5_schedule]
+        [--out experiments/figures]
 
 Per preset and length: for each test-time rule of the 23-of-54 block-subset networks, the gap
 to full training in pp (paired over seeds: mean, t-based 95% CI, paired t-test p, Welch p), and
@@ -63,12 +64,18 @@ def length_rows(root: Path) -> list[dict]:
     if len(done) < 2:
         return []
     base = np.array([full[s]["test_error"] for s in done])
+    chosen = {
+        f.read_text().split(",")[0].removeprefix("precision ").strip()
+        for s in done
+        for f in root.glob(f"*/k*_seed{s}/precision.txt")
+    }
     out = [
         {
             "preset": preset,
             "steps": int(steps),
             "arm": "full training",
             "seeds": len(done),
+            "precision": ",".join(sorted(chosen)) or "unrecorded",
             "error": base.mean(),
             "error_std": base.std(ddof=1),
         }

@@ -9,8 +9,9 @@
 #   PRESET=medium SEEDS=0,1,2 bash experiments/sec5_schedule.sh 700 2800    # Fashion-MNIST
 # Each length runs in outputs/sec5_schedule/<preset>_<steps>/ (train/: the trainings, retest/:
 # the train=false re-tests); `python -m src.report outputs/sec5_schedule/<preset>_<steps>` rebuilds its report.
-# Once a seed's six runs have finished, their results (metrics.json and analysis/*.parquet, never
-# checkpoints) are copied to experiments/results/sec5_schedule/<preset>_<steps>/, which is committed:
+# Once a seed's six runs have finished, their results (metrics.json, analysis/*.parquet, the
+# overrides and the precision the run chose; never checkpoints) are copied to
+# experiments/results/sec5_schedule/<preset>_<steps>/, which is committed:
 # a seed found there is skipped, so the measurement accumulates across sessions and fresh clones,
 # and `python experiments/sec5_schedule.py` builds the figure and table across lengths from it.
 # One thread per run (OMP_NUM_THREADS=1): runs side by side on a shared 2-core box (e.g. one
@@ -33,7 +34,8 @@ keep() {
   local root=$1 store=$2; shift 2
   for r in "$@"; do
     mkdir -p "$store/$r/analysis"
-    cp "$root/$r/metrics.json" "$store/$r/"
+    cp "$root/$r/metrics.json" "$root/$r/.hydra/overrides.yaml" "$store/$r/"
+    grep -h -m1 "src.run.*precision" "$root/$r/run.log" | sed 's/^.* - //' > "$store/$r/precision.txt" || true
     if compgen -G "$root/$r/analysis/*.parquet" > /dev/null; then
       cp "$root/$r"/analysis/*.parquet "$store/$r/analysis/"
     fi
