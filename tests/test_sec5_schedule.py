@@ -1,0 +1,90 @@
+"""experiments/sec5_schedule.py on a synthetic results store (the layout
+experiments/sec5_schedule.sh keeps): per-seed gaps, their paired test, Fig. 5a's largest step and
+the trend across lengths come out as computed by hand."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location(
+    "sec5_schedule", REPO / "experiments/sec5_schedule.py"
+)
+sec5 = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sec5)
+
+# per length: full training's error per seed, and rescale's gap per seed (pp)
+FULL = {100: [0.02, 0.03, 0.04], 1000: [0.01, 0.02, 0.03]}
+RESCALE = {100: [4.0, 5.0, 6.0], 1000: [1.0, 2.0, 3.0]}
+
+
+def run(d: Path, error: float, lesion: list[float] | None = None) -> None:
+    d.mkdir(parents=True)
+    (d / "metrics.json").write_text(json.dumps({"test_error": error}))
+    (d / "precision.txt").write_text("precision 32-true, memory format contiguous: no bf16\n")
+    if lesion is not None:  # delete_many's rows: mean error per k = lesion[k]
+        (d / "analysis").mkdir()
+        rows = [
+            {"k": k, "trial": t, "error": e + (t - 0.5) * 1e-3}
+            for k, e in enumerate(lesion)
+            for t in (0, 1)
+        ]
+        pd.DataFrame(rows).to_parquet(d / "analysis" / "delete_many.parquet")
+
+
+@pytest.fixture
+def store(tmp_path):
+    for steps, errors in FULL.items():
+        root = tmp_path / "store" / f"quick_{steps}"
+        for s, e in enumerate(errors):
+            run(root / f"train/k54_seed{s}", e, [e, e + 0.05, e + 0.30])  # largest step 25 pp
+            run(root / f"retest/k54_seed{s}_delete_many_recalibrate", e, [e, e + 0.02, e + 0.04])
+            run(root / f"train/k23_seed{s}", 0.9)
+            run(root / f"retest/k23_seed{s}_rescale", e + RESCALE[steps][s] / 100)
+            run(root / f"retest/k23_seed{s}_recalibrate", e + 0.01 * (s + 1))
+            run(root / f"retest/k23_seed{s}_ensemble", e + 0.02 + 0.003 * s)
+        run(root / "train/k54_seed3", 0.05)  # an unfinished seed: counted nowhere
+    return tmp_path
+
+
+def test_table_and_trend(store, capsys):
+    out = store / "out"
+    sec5.main(["--root", str(store / "store"), "--out", str(out)])
+    t = pd.read_csv(out / "sec5_schedule.csv").set_index(["steps", "arm"])
+    assert t.loc[(100, "full training")].error == pytest.approx(0.03)
+    assert t.loc[(100, "full training")].seeds == 3
+    assert t.loc[(100, "full training")].precision == "32-true"
+    r = t.loc[(100, "23/54 rescale")]
+    # mean 5 pp, sd 1: CI half-width t(0.975, 2) / sqrt(3); one-sample t = 5 sqrt(3)
+    assert r.gap_pp == pytest.approx(5.0)
+    assert r.gap_ci_pp == pytest.approx(4.302653 / math.sqrt(3), rel=1e-5)
+    assert r.paired_p == pytest.approx(2 * (1 - sec5.sps.t.cdf(5 * math.sqrt(3), 2)), rel=1e-4)
+    assert t.loc[(1000, "23/54 full")].gap_pp == pytest.approx(100 * (0.9 - 0.02))
+    assert t.loc[(1000, "Fig. 5a largest step, bn=eval")].gap_pp == pytest.approx(25.0)
+    assert t.loc[(1000, "Fig. 5a largest step, bn=recalibrate")].gap_pp == pytest.approx(2.0)
+
+    f = pd.read_csv(out / "sec5_schedule_trend.csv").set_index("arm")
+    r = f.loc["23/54 rescale"]  # means 5 and 2 pp a decade apart: -3 pp per decade
+    assert r.slope_pp_per_decade == pytest.approx(-3.0)
+    assert r.at_64k_pp == pytest.approx(11.0 - 3.0 * math.log10(64_000))
+    assert r.points == 6 and r.slope_p < 0.05 and r.at_64k_ci_pp > 0
+    assert f.loc["Fig. 5a largest step, bn=eval"].slope_pp_per_decade == pytest.approx(
+        0.0, abs=1e-9
+    )
+    assert (out / "sec5_schedule_quick.png").stat().st_size > 10_000
+
+    table = capsys.readouterr().out
+    assert "| full training | 3.00% (3 seeds) | 2.00% (3 seeds) |" in table
+    assert (
+        "| 23/54 rescale | +5.00 ± 2.48 pp, p=0.013 | +2.00 ± 2.48 pp, p=0.074 | -3.00 ±" in table
+    )
+
+
+def test_no_finished_length(tmp_path):
+    run(tmp_path / "quick_400/train/k54_seed0", 0.02)
+    with pytest.raises(SystemExit, match="no length with 2 finished seeds"):
+        sec5.main(["--root", str(tmp_path), "--out", str(tmp_path / "out")])
