@@ -5,8 +5,12 @@ of a folder into rows `claim | paper | <data set> ... | verdict`. The paper colu
 own statement (typed from the text); every other cell is computed from the result files, and a
 claim without results for a data set says so. The verdict is per data set: `holds` or `fails`
 by the rule stated in the claim's `test`, `untested` where the results cannot decide it (one seed
-in an arm), `-` where nothing was measured. A study's claims come with its registry entry
-(src/studies.py) and read its own rows; `CLAIMS` holds those about the runs (Sec. 5).
+in an arm), `-` where nothing was measured. Where a data set's runs trained for several lengths
+(their `step`: e.g. experiments/sec5_schedule.sh's 400, 1,600 and 6,400 steps), each claim is
+measured per length and states its value and verdict at the longest length that decides it
+(else the longest that measured it), the other lengths' verdicts beside it. A study's claims
+come with its registry entry (src/studies.py) and read its own rows; `CLAIMS` holds those about
+the runs (Sec. 5).
 
 The claims are the paper's, about convolutional networks: runs of transformers (their block
 tables name a branch `kind`, attention or MLP) are left out; experiments/transformers.md sets
@@ -45,7 +49,11 @@ def lesions(tables: pd.DataFrame, plain: bool | None = None) -> pd.DataFrame:
     if "bn" in t:
         t = t[t.bn.fillna("eval") == "eval"]
     if "training" in t:
-        t = t[t.training.fillna("standard") == "standard"]
+        training = t.training.fillna("standard")
+        if {"blocks_per_step", "n_blocks"} <= set(t):  # k of n blocks with k = n: every block
+            every = (t.blocks_per_step == t.n_blocks).astype("boolean").fillna(False)
+            training = training.mask((training == "block_subset") & every.astype(bool), "standard")
+        t = t[training == "standard"]
     if plain is not None and "model" in t:
         is_vgg = t.model.fillna("").str.startswith("vgg")
         t = t[is_vgg if plain else ~is_vgg]
@@ -124,18 +132,50 @@ def table(runs: pd.DataFrame, tables: pd.DataFrame) -> pd.DataFrame:
             t = tables[tables.data == d] if data else tables
             if study is not None:  # a study's claim reads its own rows
                 t = t[t.study == study]
-                got = c.measure(r, t) if not t.empty else None
-            else:
-                got = c.measure(r, t) if not (r.empty and t.empty) else None
-            if got is None:
+            measured = [
+                (length, got)
+                for length, r_, t_ in by_length(r, t)
+                if not (t_.empty if study is not None else r_.empty and t_.empty)
+                and (got := c.measure(r_, t_)) is not None
+            ]
+            if not measured:
                 row[d] = "not measured"
                 verdicts.append("-")
-            else:
-                row[d] = got[0]
-                verdicts.append(f"{d}: {VERDICTS[got[1]]}")
+                continue
+            # the longest training that decides the claim (else the longest measured)
+            decided = [i for i, (_, (_, v)) in enumerate(measured) if v is not None]
+            pick = decided[-1] if decided else len(measured) - 1
+            length, (text, verdict) = measured[pick]
+            others = "; ".join(
+                f"{n:,} steps: {VERDICTS[v]}" for i, (n, (_, v)) in enumerate(measured) if i != pick
+            )
+            row[d] = text if length is None else f"at {length:,} steps: {text}"
+            verdicts.append(f"{d}: {VERDICTS[verdict]}")
+            if length is not None:
+                verdicts[-1] += f" at {length:,} steps" + (f" ({others})" if others else "")
         row["verdict"] = "; ".join(verdicts)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def by_length(runs: pd.DataFrame, tables: pd.DataFrame) -> list[tuple]:
+    """(training length, runs, tables) per length of training the weights had (`step`: a
+    run's checkpoint step, a table's latest measured step), shortest first, where runs of
+    several lengths are found (rows without a step join every length); else [(None, runs,
+    tables)]."""
+    found = sorted(
+        {int(s) for f in (runs, tables) if "step" in f for s in f["step"].dropna().unique()}
+    )
+    if len(found) < 2:
+        return [(None, runs, tables)]
+
+    def at(f: pd.DataFrame, n: int) -> pd.DataFrame:
+        if "step" not in f:
+            return f
+        keep = (f["step"] == n).astype("boolean").fillna(True) | f["step"].isna()
+        return f[keep.to_numpy(dtype=bool)]
+
+    return [(n, at(runs, n), at(tables, n)) for n in found]
 
 
 def markdown(claims: pd.DataFrame) -> list[str]:

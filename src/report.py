@@ -220,12 +220,13 @@ def effective_paths_markdown(
     return "\n".join(lines) + "\n"
 
 
-def at_latest_step(tables: pd.DataFrame) -> pd.DataFrame:
-    """Each group's (label's) rows of its latest step per study: what the trained networks
-    measured, where analyses ran across training or over a run's checkpoints."""
+def at_latest_step(tables: pd.DataFrame, by: str = "label") -> pd.DataFrame:
+    """Each group's (label's, or with `by="run_dir"` each run's) rows of its latest step per
+    study: what the trained networks measured, where analyses ran across training or over a
+    run's checkpoints."""
     if "step" not in tables or tables.step.isna().all():
         return tables
-    last = tables.groupby(["label", "study"]).step.transform("max")
+    last = tables.groupby([by, "study"]).step.transform("max")
     keep = (tables.step == last).astype("boolean").fillna(True) | tables.step.isna()
     return tables[keep.to_numpy(dtype=bool)]
 
@@ -296,7 +297,8 @@ def report(path: str | Path, out: str | Path | None = None, alpha: float = 0.05)
             lines.append(f"| {group} | {g.run_dir.nunique()} | {when}{headline(s, g)} |")
     if not runs.empty:
         lines += effective_paths(runs, out, alpha)
-    claims = claims_table(runs, final)
+    # each run's trained network: the claims compare training lengths themselves (src/claims.py)
+    claims = claims_table(runs, at_latest_step(tables, by="run_dir"))
     results.atomic_write(out / "claims.csv", claims.to_csv(index=False, lineterminator="\n"))
     rules = "; ".join(f"{f}: {t}" for f, t in zip(claims.figure, claims.test))
     lines += ["", "## Claims", "", f"Verdict rules: {rules}.", ""]

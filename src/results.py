@@ -218,8 +218,11 @@ def load(path: str | Path, study: str | None = None) -> pd.DataFrame:
 
 
 def overrides(run_dir: Path) -> dict[str, str]:
-    """The run's command-line overrides (`.hydra/overrides.yaml`) as {key: value}."""
+    """The run's command-line overrides (`.hydra/overrides.yaml`, or `overrides.yaml` where a
+    results store keeps a run without its .hydra folder) as {key: value}."""
     f = Path(run_dir) / ".hydra" / "overrides.yaml"
+    if not f.is_file():
+        f = Path(run_dir) / "overrides.yaml"
     items = yaml.safe_load(f.read_text()) if f.is_file() else []
     return dict(o.lstrip("+~").split("=", 1) for o in items or [] if "=" in o)
 

@@ -30,7 +30,7 @@ def fake_run(job, overrides: list[str], metrics: dict, tables: dict[str, list[di
     (job / ".hydra").mkdir(parents=True)
     (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     (job / "metrics.json").write_text(json.dumps(metrics))
-    keys = ("model", "data", "training", "n_blocks", "k", "seed", "run_id")
+    keys = ("model", "data", "training", "n_blocks", "k", "seed", "run_id", "step")
     meta = {k: metrics.get(k) for k in keys}
     for study, rows in tables.items():
         results.write_table(job / "analysis" / study, results.tidy(study, rows, meta))
@@ -400,3 +400,35 @@ def test_figures_leave_the_matplotlib_backend_alone():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "svg"
+
+
+def test_claims_at_the_longest_training(tmp_path):
+    """Runs of several training lengths: each claim states its value and verdict at the longest
+    length that decides it, the other lengths' verdicts beside it; block-subset training with
+    k = n (every block every step) is full training for the lesion claims."""
+    job = 0
+
+    def many(steps, jump, training="standard", k=6, seeds=(0,)):
+        nonlocal job
+        for seed in seeds:
+            errors = [0.05 + 0.02 * i for i in range(6)]
+            errors[3:] = [e + jump for e in errors[3:]]  # one k where the error jumps
+            rows = [
+                {"k": i, "trial": 0, "deleted": "", "error": e, "baseline": 0.05}
+                for i, e in enumerate(errors)
+            ]
+            metrics = {"test_error": 0.05, "model": "resnet20", "seed": seed, "data": "digits"}
+            metrics |= {"training": training, "n_blocks": 6, "k": k, "step": steps}
+            overrides = ["model=resnet20", f"trainer.max_steps={steps}"]
+            fake_run(tmp_path / f"job{job}", overrides, metrics, {"delete_many": rows})
+            job += 1
+
+    many(400, 0.30)  # not smooth after 400 steps
+    many(1600, 0.0, training="block_subset")  # k = n = 6: full training, smooth
+    many(6400, 0.0, training="block_subset", k=2)  # 2 of 6 blocks per step: not the claim's
+    rep.report(tmp_path)
+    claims = pd.read_csv(tmp_path / "report" / "claims.csv").set_index("figure")
+    assert claims.loc["Fig. 5a", "digits"].startswith("at 1,600 steps: error 5.0% at k=0")
+    assert "largest step +2.0 pp" in claims.loc["Fig. 5a", "digits"]
+    assert claims.loc["Fig. 5a", "verdict"] == "digits: holds at 1,600 steps (400 steps: fails)"
+    assert claims.loc["Fig. 6b", "digits"] == "not measured"
