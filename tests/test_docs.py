@@ -519,6 +519,16 @@ def check_report(command, tmp_path_factory, tmp_path):
         assert fig3.endswith("digits: holds")  # ResNet-110 barely notices a deleted block
         assert "## Claims" in (work / "outputs" / "report" / "report.md").read_text()
         return
+    elif target.startswith("experiments/results/"):  # a committed store's Sec. 5 runs
+        copy = fresh_copy(tmp_path)
+        run_cli(target, module="src.report", cwd=copy)
+        store = copy / target
+        md = (store / "report" / "effective_paths.md").read_text()
+        seeds = len(list(store.glob("train/k54_seed*/metrics.json")))
+        assert seeds >= 2 and f"| full | {seeds} |" in md
+        assert f"| k=23/54 recalibrate | {seeds} |" in md
+        assert_figure(store / "report" / "effective_paths.png")
+        return
     elif target.startswith("outputs/effective_paths/"):  # rebuild a copy of the Sec. 5 report
         sweep = sweep_dir(effective_paths_quick(tmp_path_factory), "effective_paths")
         work = tmp_path / "outputs" / "effective_paths" / sweep.name
