@@ -179,7 +179,7 @@ def block_scores(
     lesion engine's prefix reuse with `reuse`). `max_run`: the longest run of Gromov's angular
     distance (None: half the steps)."""
     pieces = batch_scores(net, batches, base, device, metric, max_run, deletions, reuse)
-    return combine(net, base, pieces, max_run)
+    return combine(net, base, pieces)
 
 
 def _max_run(net: Network, base: Plan, max_run: int | None) -> int:
@@ -248,9 +248,7 @@ def run_key(net: Network, base: Plan | None) -> Callable[[tuple[int, int]], tupl
     return lambda key: (first[key[0]], last[key[0] + key[1] - 1], key[1])
 
 
-def combine(
-    net: Network, base: Plan | None, pieces: dict[int, dict], max_run: int | None = None
-) -> Scores:
+def combine(net: Network, base: Plan | None, pieces: dict[int, dict]) -> Scores:
     """The `Scores` of every batch's piece (`batch_scores`) of `net` under `base`."""
     return combine_pieces(pieces, run_key(net, base))
 
