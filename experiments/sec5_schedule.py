@@ -193,8 +193,11 @@ def figure(t: pd.DataFrame, fits: pd.DataFrame, preset: str, path: Path) -> None
         title="Fig. 5a: deleting k blocks of the fully trained network",
     )
     b.legend()
+    lengths = sorted(t.steps.unique())
     for ax in (a, b):
         ax.set_xlim(t.steps.min() / 2, t.steps.max() * 2)
+        ax.set_xticks(lengths, [f"{n:,}" for n in lengths])
+        ax.minorticks_off()
     fig.suptitle(f"ResNet-110, {preset} preset; mean and 95% CI over seeds, dashed: fitted trend")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
