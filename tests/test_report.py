@@ -198,15 +198,18 @@ def arms_sweep(
     data=None,
     overrides=(),
     first_seed=0,
+    steps=None,
 ):
-    """A Sec. 5 multirun: one job per (arm, seed), as metrics.json records it."""
+    """A Sec. 5 multirun: one job per (arm, seed), as metrics.json records it (`steps`: the
+    training length, metrics.json's `step`)."""
     job = 0
     for arm, errs in errors.items():
         for seed, err in enumerate(errs, first_seed):
             training, k = ("block_subset", 4) if arm == "subset" else ("standard", 9)
             if arm == "full" and k_full:
                 training = "block_subset"  # k = n: every block every step
-            metrics = {"test_error": err, "global_step": 400, "training": training, "k": k}
+            metrics = {"test_error": err, "global_step": steps or 400, "training": training, "k": k}
+            metrics |= {} if steps is None else {"step": steps}
             metrics |= {"n_blocks": 9, "seed": seed, "model": "resnet20", "data": data}
             metrics |= {"test_mode": test_mode if training == "block_subset" else None}
             args = [*overrides, f"training={training}", f"seed={seed}"]
@@ -304,6 +307,25 @@ def test_effective_paths_one_comparison_per_data_set(tmp_path):
         assert res["comparisons"]["k=4/9"]["paired_t"]["seeds"] == 3
     assert (tmp_path / "report" / "effective_paths_fashion_mnist.png").is_file()
     assert not (tmp_path / "report" / "effective_paths.json").exists()
+
+
+def test_effective_paths_one_comparison_per_training_length(tmp_path):
+    """Sec. 5 at two training lengths in one folder: each length is compared on its own (seed 0
+    at 400 steps is no replicate of seed 0 at 1,600), and the claim reads the longest."""
+    short = {"subset": [0.5, 0.6, 0.55], "full": [0.02, 0.03, 0.025]}
+    long = {"subset": [0.031, 0.02, 0.03], "full": [0.02, 0.03, 0.025]}
+    arms_sweep(tmp_path / "400", short, steps=400, overrides=["trainer.max_steps=400"])
+    arms_sweep(tmp_path / "1600", long, steps=1600, overrides=["trainer.max_steps=1600"])
+    md = rep.report(tmp_path).read_text()
+    for steps, errors in ((400, short), (1600, long)):
+        assert f"## Sec. 5: effective-path training ({steps:,} steps)" in md
+        res = json.loads((tmp_path / "report" / f"effective_paths_{steps}.json").read_text())
+        assert res["arms"]["k=4/9"]["errors"] == errors["subset"] and res["steps"] == [steps]
+        assert res["comparisons"]["k=4/9"]["paired_t"]["seeds"] == 3
+    assert not (tmp_path / "report" / "effective_paths.json").exists()
+    claims = pd.read_csv(tmp_path / "report" / "claims.csv").set_index("figure")
+    assert claims.loc["Sec. 5", "measured"].startswith("at 1,600 steps: k=4/9: 2.7% vs 2.5%")
+    assert claims.loc["Sec. 5", "verdict"] == "measured: holds at 1,600 steps (400 steps: fails)"
 
 
 def test_effective_paths_needs_two_arms_and_seeds(tmp_path):
