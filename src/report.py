@@ -140,25 +140,11 @@ def effective_paths(runs: pd.DataFrame, out: Path, alpha: float) -> list[str]:
     per_set = [(None, runs)] if len(sets) <= 1 else [(d, runs[data == d]) for d in sets]
     lines = []
     for d, r in per_set:
-        for n, rn in _lengths(r):
+        for n, rn in stats.sec5_lengths(r):
             name = "_".join(["effective_paths", *([d] if d else []), *([str(n)] if n else [])])
             of = ", ".join([*([d] if d else []), *([f"{n:,} steps"] if n else [])])
             lines += _effective_paths(rn, out, alpha, name, f" ({of})" if of else "")
     return lines
-
-
-def _lengths(runs: pd.DataFrame) -> list[tuple[int | None, pd.DataFrame]]:
-    """(length, runs) per training length of full training's runs (`step`: a run's checkpoint
-    step) where it ran for several and every block-subset run has a length of its own among
-    them; else [(None, runs)] (one comparison, e.g. of arms given different step budgets)."""
-    arms = stats.sec5_arms(runs)
-    if arms.empty or "step" not in arms:
-        return [(None, runs)]
-    full = set(arms.step[arms.arm == stats.FULL].dropna().astype(int))
-    subset = set(arms.step[arms.arm != stats.FULL].dropna().astype(int))
-    if len(full) < 2 or not subset <= full:
-        return [(None, runs)]
-    return [(n, runs[(runs.step == n).fillna(False).astype(bool)]) for n in sorted(full)]
 
 
 def _effective_paths(runs: pd.DataFrame, out: Path, alpha: float, name: str, of: str) -> list[str]:

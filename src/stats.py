@@ -204,6 +204,21 @@ def sec5_arms(runs: pd.DataFrame) -> pd.DataFrame:
     return runs[(runs.arm != FULL) | parent.isin(sweeps) | named.astype(bool)]
 
 
+def sec5_lengths(runs: pd.DataFrame) -> list[tuple[int | None, pd.DataFrame]]:
+    """(length, runs) per training length of full training's Sec. 5 runs (`step`: a run's
+    checkpoint step) where it ran for several and every block-subset run has a length of its own
+    among them: 400 steps are no replicates of 6,400. Else [(None, runs)]: one comparison, e.g.
+    of arms given different step budgets."""
+    arms = sec5_arms(runs)
+    if arms.empty or "step" not in arms:
+        return [(None, runs)]
+    full = set(arms.step[arms.arm == FULL].dropna().astype(int))
+    subset = set(arms.step[arms.arm != FULL].dropna().astype(int))
+    if len(full) < 2 or not subset <= full:
+        return [(None, runs)]
+    return [(n, runs[(runs.step == n).fillna(False).astype(bool)]) for n in sorted(full)]
+
+
 def _missing(v) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA
 

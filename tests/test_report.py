@@ -328,6 +328,23 @@ def test_effective_paths_one_comparison_per_training_length(tmp_path):
     assert claims.loc["Sec. 5", "verdict"] == "measured: holds at 1,600 steps (400 steps: fails)"
 
 
+def test_effective_paths_arms_of_different_budgets_compare_once(tmp_path):
+    """Block-subset training for 800 steps against full training for 400 (one compute budget):
+    one comparison, and the claim reads the same one (not each length alone, arm-less)."""
+    sweep = arms_sweep(
+        tmp_path, {"subset": [0.03, 0.02, 0.025], "full": [0.02, 0.03, 0.025]}, steps=800
+    )
+    for job in (3, 4, 5):  # the full arm's jobs: 400 steps
+        f = sweep / str(job) / "metrics.json"
+        f.write_text(json.dumps(json.loads(f.read_text()) | {"step": 400, "global_step": 400}))
+    rep.report(tmp_path)
+    res = json.loads((tmp_path / "report" / "effective_paths.json").read_text())
+    assert res["steps"] == [400, 800] and not res["same_step_budget"]
+    claims = pd.read_csv(tmp_path / "report" / "claims.csv").set_index("figure")
+    assert claims.loc["Sec. 5", "measured"].startswith("k=4/9: 2.5% vs 2.5%")
+    assert claims.loc["Sec. 5", "verdict"] == "measured: holds"
+
+
 def test_effective_paths_needs_two_arms_and_seeds(tmp_path):
     arms_sweep(tmp_path / "same", {"subset": [0.1, 0.2, 0.15], "full": [0.2, 0.1, 0.15]})
     rep.report(tmp_path / "same")
