@@ -49,10 +49,10 @@ for L in "${STEPS[@]}"; do
     runs=(train/k23_seed$seed train/k54_seed$seed retest/k23_seed${seed}_{rescale,recalibrate,ensemble}
       retest/k54_seed${seed}_delete_many_recalibrate)
     if [ -f "$store/${runs[-1]}/metrics.json" ]; then continue; fi  # kept by an earlier session
-    for k in 23 54; do  # k = 54 of 54: every block every step (full training)
+    for k in 23 54; do  # k = 54 of 54: every block every step (full training), Fig. 5a's network
+      lesion=(); [ $k = 54 ] && lesion=(+lesion@callbacks.delete_many=delete_many)
       run "$root/train/k${k}_seed$seed" experiment_name=effective_paths preset="$PRESET" \
-        model=resnet110 training=block_subset training.k=$k seed="$seed" "${sched[@]}" \
-        +lesion@callbacks.delete_many=delete_many
+        model=resnet110 training=block_subset training.k=$k seed="$seed" "${sched[@]}" "${lesion[@]}"
     done
     ckpt=$root/train/k23_seed$seed/checkpoints/last.ckpt
     for rule in rescale recalibrate ensemble; do
