@@ -95,10 +95,11 @@ def _step_keys(runs: pd.DataFrame, ov: pd.Series, swept: list[str]) -> set[str]:
 
 
 def groups(runs: pd.DataFrame) -> pd.Series:
-    """A label per run: the overrides that vary between runs, other than the seed; where a run
-    read or wrote (`ckpt_path`, `*_dir`) only when nothing else varies, shortened. Runs of one
-    setup analysed at several steps (`_step_keys`) share a label, which names the run facts
-    (model, data, training) that tell setups apart where no override does."""
+    """A label per run: the overrides that vary between runs and that it set ("defaults" where it
+    set none of them), other than the seed; where a run read or wrote (`ckpt_path`, `*_dir`)
+    only when nothing else varies, shortened. Runs of one setup analysed at several steps
+    (`_step_keys`) share a label, which names the run facts (model, data, training) that tell
+    setups apart where no override does."""
     ov = runs.overrides if "overrides" in runs else pd.Series([{}] * len(runs))
     keys = sorted({k for o in ov for k in o} - REPLICATE_KEYS)
     swept = [k for k in keys if len({o.get(k) for o in ov}) > 1]
@@ -122,9 +123,11 @@ def groups(runs: pd.DataFrame) -> pd.Series:
     if not swept:
         return pd.Series([_one_name(runs)] * len(runs), index=runs.index)
     short = {k: _short_paths([str(o[k]) for o in ov if k in o]) for k in swept if _is_location(k)}
+    # only the keys a run set: the set of them tells groups apart as well as every key would
     return ov.map(
-        lambda o: ", ".join(
-            f"{k}={short.get(k, {}).get(str(o[k]), o[k]) if k in o else '-'}" for k in swept
+        lambda o: (
+            ", ".join(f"{k}={short.get(k, {}).get(str(o[k]), o[k])}" for k in swept if k in o)
+            or "defaults"
         )
     )
 

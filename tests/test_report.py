@@ -122,7 +122,13 @@ def test_curve_labels_leave_out_where_runs_read_unless_it_tells_them_apart():
     # a trained run beside a re-analysis of its checkpoint: the checkpoint is not what differs
     assert labels({"bn": "recalibrate", "ckpt_path": ck[0], "train": "false"}, {}) == [
         "bn=recalibrate, train=false",
-        "bn=-, train=-",
+        "defaults",
+    ]
+    # a label names only what its run set: keys others set are left out, not listed as unset
+    assert labels({"bn": "recalibrate"}, {"data": "fashion_mnist"}, {}) == [
+        "bn=recalibrate",
+        "data=fashion_mnist",
+        "defaults",
     ]
     # two checkpoints analysed alike: they are the curves, named by what tells them apart
     assert labels({"ckpt_path": ck[0]}, {"ckpt_path": ck[1]}) == [
