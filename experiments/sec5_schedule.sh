@@ -26,26 +26,7 @@ TRIALS=${TRIALS:-$([ "$PRESET" = medium ] && echo 5 || true)}
 trials=(); [ -n "$TRIALS" ] && trials=(callbacks.delete_many.trials="$TRIALS")
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1
 STEPS=("$@"); [ ${#STEPS[@]} -gt 0 ] || STEPS=(400 1600 6400)
-# run <dir> <overrides...>: one run in <dir>; skipped once finished (metrics.json), resumed when
-# an earlier session was cut off mid-training (the script can be started again at any time)
-run() {
-  local dir=$1; shift
-  if [ -f "$dir/metrics.json" ]; then return; fi
-  local again=(); [ -d "$dir/checkpoints" ] && again=(resume=true)
-  python -m src.run "$@" "${again[@]}" hydra.run.dir="$dir"
-}
-# keep <root> <store> <run...>: the runs' results, without checkpoints, into the committed store
-keep() {
-  local root=$1 store=$2; shift 2
-  for r in "$@"; do
-    mkdir -p "$store/$r/analysis"
-    cp "$root/$r/metrics.json" "$root/$r/.hydra/overrides.yaml" "$store/$r/"
-    grep -h -m1 "src.run.*precision" "$root/$r/run.log" | sed 's/^.* - //' > "$store/$r/precision.txt" || true
-    if compgen -G "$root/$r/analysis/*.parquet" > /dev/null; then
-      cp "$root/$r"/analysis/*.parquet "$store/$r/analysis/"
-    fi
-  done
-}
+source "$(dirname "$0")/store.sh"  # run <dir> <overrides...>, keep <root> <store> <run...>
 for L in "${STEPS[@]}"; do
   root=outputs/sec5_schedule/${PRESET}_${L}
   store=experiments/results/sec5_schedule/${PRESET}_${L}
