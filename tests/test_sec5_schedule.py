@@ -107,3 +107,39 @@ def test_committed_table_is_the_stores(tmp_path):
     committed = pd.read_csv(REPO / "experiments/figures/sec5_schedule.csv")
     pd.testing.assert_frame_equal(built, committed, rtol=1e-5)
     assert "| full training |" in res.stdout
+
+
+def test_store_keeps_results_and_skips_finished_runs(tmp_path):
+    """experiments/store.sh, which the measurement scripts source: `keep` copies a run's
+    metrics, overrides, chosen precision and analysis tables (never its checkpoints) into the
+    store; `run` starts nothing for a run that has finished."""
+    r = tmp_path / "outputs/a/k54_seed0"
+    (r / ".hydra").mkdir(parents=True)
+    (r / "analysis").mkdir()
+    (r / "checkpoints").mkdir()
+    (r / "metrics.json").write_text('{"test_error": 0.02}')
+    (r / ".hydra/overrides.yaml").write_text("- seed=0\n")
+    (r / "run.log").write_text(
+        "[t][src.run][INFO] - precision 32-true, memory format contiguous: no bf16\n"
+    )
+    (r / "analysis/delete_many.parquet").write_bytes(b"table")
+    (r / "analysis/delete_many.png").write_bytes(b"figure")
+    (r / "checkpoints/last.ckpt").write_bytes(b"weights")
+    script = (
+        f"source {REPO / 'experiments/store.sh'}; python() {{ echo started; }}; "
+        "keep outputs/a store/a k54_seed0; run outputs/a/k54_seed0 seed=0; run outputs/a/new seed=1"
+    )
+    res = subprocess.run(
+        ["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    assert res.stdout == "started\n"  # the finished run is skipped, the new one starts
+    kept = tmp_path / "store/a/k54_seed0"
+    assert sorted(p.relative_to(kept).as_posix() for p in kept.rglob("*") if p.is_file()) == [
+        "analysis/delete_many.parquet",
+        "metrics.json",
+        "overrides.yaml",
+        "precision.txt",
+    ]
+    assert (kept / "precision.txt").read_text() == (
+        "precision 32-true, memory format contiguous: no bf16\n"
+    )
