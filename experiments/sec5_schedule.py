@@ -17,7 +17,8 @@ line's value at the paper's 64,000 iterations with its 95% CI: an extrapolation,
 Writes `sec5_schedule.csv` (one row per preset, length and arm), `sec5_schedule_trend.csv`
 (one row per preset and arm) and `sec5_schedule_<preset>.png` (the gaps and the largest step
 against length, log axis, with the fitted lines), and prints a markdown table per preset. A
-length counts the seeds whose every run has finished (at least 2).
+length counts where at least 2 seeds have finished some row; each row counts the seeds whose
+runs for it have finished (a row with fewer seeds than full training says how many).
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ def largest_step(run: Path) -> float | None:
 
 def seed_values(root: Path) -> pd.DataFrame:
     """One preset and length's per-seed values (columns preset, steps, seed, arm, value, in
-    test error for full training and in pp otherwise); only seeds whose every run finished."""
+    test error for full training and in pp otherwise). A row counts the seeds whose runs for it
+    finished: the Sec. 5 rows those with both trainings and every re-test, a Fig. 5a row those
+    with its lesion sweep."""
     preset, steps = root.name.rsplit("_", 1)
     seeds = sorted(int(p.name.split("seed")[1]) for p in root.glob("train/k54_seed*"))
     rows = []
@@ -70,13 +73,17 @@ def seed_values(root: Path) -> pd.DataFrame:
             "recalibrate": root / f"retest/k54_seed{s}_delete_many_recalibrate",
         }
         jumps = {bn: largest_step(run) for bn, run in lesioned.items()}
-        if full is None or None in tested.values() or None in jumps.values():
-            continue
-        rows.append((s, FULL, full["test_error"]))
+        if full is not None and None not in tested.values():
+            rows.append((s, FULL, full["test_error"]))
+            rows += [
+                (s, f"23/54 {r}", 100 * (tested[r]["test_error"] - full["test_error"]))
+                for r in RULES
+            ]
         rows += [
-            (s, f"23/54 {r}", 100 * (tested[r]["test_error"] - full["test_error"])) for r in RULES
+            (s, f"Fig. 5a largest step, bn={bn}", 100 * v)
+            for bn, v in jumps.items()
+            if v is not None
         ]
-        rows += [(s, f"Fig. 5a largest step, bn={bn}", 100 * v) for bn, v in jumps.items()]
     t = pd.DataFrame(rows, columns=["seed", "arm", "value"])
     return t.assign(preset=preset, steps=int(steps))
 
@@ -204,12 +211,14 @@ def figure(t: pd.DataFrame, fits: pd.DataFrame, preset: str, path: Path) -> None
     fig.savefig(path, dpi=120)
 
 
-def cell(x: pd.Series) -> str:
+def cell(x: pd.Series, seeds: int | None = None) -> str:
+    """One arm at one length; `seeds`: full training's there (a row with other seeds says so)."""
     if x.arm == FULL:
         return f"{100 * x.error:.2f}% ({x.seeds} seeds)"
     ci = "" if pd.isna(x.gap_ci_pp) else f" ± {x.gap_ci_pp:.2f}"
     p = "" if pd.isna(x.get("paired_p")) else f", p={x.paired_p:.2g}"
-    return f"{x.gap_pp:+.2f}{ci} pp{p}"
+    n = "" if x.seeds == seeds else f" ({x.seeds} seed{'s' if x.seeds > 1 else ''})"
+    return f"{x.gap_pp:+.2f}{ci} pp{p}{n}"
 
 
 def markdown(t: pd.DataFrame, fits: pd.DataFrame) -> list[str]:
@@ -220,9 +229,10 @@ def markdown(t: pd.DataFrame, fits: pd.DataFrame) -> list[str]:
         + " | trend per decade (95% CI, p) | at 64k (extrapolated, 95% CI) |",
         "|---" * (len(lengths) + 3) + "|",
     ]
+    full = t[t.arm == FULL].set_index("steps").seeds
     for arm in t.arm.unique():
         r = t[t.arm == arm].set_index("steps")
-        cells = [cell(r.loc[s]) if s in r.index else "" for s in lengths]
+        cells = [cell(r.loc[s], full.get(s)) if s in r.index else "" for s in lengths]
         f = fits[fits.arm == arm]
         if f.empty:
             cells += ["", ""]

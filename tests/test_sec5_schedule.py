@@ -86,6 +86,30 @@ def test_table_and_trend(store, capsys):
     )
 
 
+def test_rows_count_the_seeds_that_finished_them(tmp_path, capsys):
+    """A seed whose re-estimated lesion sweep has not run counts in the Sec. 5 rows and in
+    Fig. 5a with trained statistics, not in Fig. 5a with re-estimated ones, whose cell says so."""
+    root = tmp_path / "store/medium_700"
+    for s in range(3):
+        run(root / f"train/k54_seed{s}", 0.1, [0.1, 0.2])
+        if s < 2:
+            run(root / f"retest/k54_seed{s}_delete_many_recalibrate", 0.1, [0.1, 0.1 + 0.01 * s])
+        run(root / f"train/k23_seed{s}", 0.9)
+        for rule, gap in (("rescale", 0.05), ("recalibrate", 0.04), ("ensemble", 0.03)):
+            run(root / f"retest/k23_seed{s}_{rule}", 0.1 + gap + 0.01 * s)
+    out = tmp_path / "out"
+    sec5.main(["--root", str(tmp_path / "store"), "--out", str(out)])
+    t = pd.read_csv(out / "sec5_schedule.csv").set_index("arm")
+    assert t.loc["full training"].seeds == 3 and t.loc["23/54 rescale"].seeds == 3
+    assert t.loc["23/54 rescale"].gap_pp == pytest.approx(6.0)
+    assert t.loc["Fig. 5a largest step, bn=eval"].seeds == 3
+    r = t.loc["Fig. 5a largest step, bn=recalibrate"]
+    assert r.seeds == 2 and r.gap_pp == pytest.approx(0.5)
+    table = capsys.readouterr().out
+    assert "| Fig. 5a largest step, bn=recalibrate | +0.50 ± 6.35 pp (2 seeds) |" in table
+    assert "| Fig. 5a largest step, bn=eval | +10.00 ± 0.00 pp |" in table
+
+
 def test_no_finished_length(tmp_path):
     run(tmp_path / "quick_400/train/k54_seed0", 0.02)
     with pytest.raises(SystemExit, match="no length with 2 finished seeds"):
