@@ -364,6 +364,16 @@ def test_effective_paths_needs_two_arms_and_seeds(tmp_path):
     assert claims.loc["Sec. 5", "verdict"] == "measured: untested"
     with pytest.raises(ConfigError, match="alpha"):
         rep.report(tmp_path / "few", alpha=1.5)
+    # 2 seeds per arm: a gap no test can call significant decides nothing; a significant one does
+    arms_sweep(tmp_path / "two", {"subset": [0.1, 0.3], "full": [0.02, 0.03]})
+    rep.report(tmp_path / "two")
+    claims = pd.read_csv(tmp_path / "two" / "report" / "claims.csv").set_index("figure")
+    assert "(not decided: 2 seeds per arm" in claims.loc["Sec. 5", "measured"]
+    assert claims.loc["Sec. 5", "verdict"] == "measured: untested"
+    arms_sweep(tmp_path / "gap", {"subset": [0.5, 0.51], "full": [0.02, 0.03]})
+    rep.report(tmp_path / "gap")
+    claims = pd.read_csv(tmp_path / "gap" / "report" / "claims.csv").set_index("figure")
+    assert claims.loc["Sec. 5", "verdict"] == "measured: fails"
 
 
 def test_claims_table_per_data_set(tmp_path):
