@@ -524,16 +524,20 @@ def check_report(command, tmp_path_factory, tmp_path):
         run_cli(target, module="src.report", cwd=copy)
         store = copy / target
         full = [json.loads(f.read_text()) for f in store.rglob("train/k54_seed*/metrics.json")]
-        lengths = sorted({m["step"] for m in full})  # one comparison per training length
-        for n in lengths:
-            name = "effective_paths" if len(lengths) == 1 else f"effective_paths_{n}"
-            md = (store / "report" / f"{name}.md").read_text()
-            seeds = sum(m["step"] == n for m in full)
-            assert f"| full | {seeds} |" in md and f"| k=23/54 recalibrate | {seeds} |" in md
-            assert_figure(store / "report" / f"{name}.png")
+        sets = sorted({m["data"] for m in full})  # one comparison per data set and length
         claims = {r["figure"]: r for r in read_csv(store / "report" / "claims.csv")}
-        if len(lengths) > 1:  # the verdicts at the longest length
-            assert f"at {lengths[-1]:,} steps" in claims["Sec. 5"]["verdict"]
+        for d in sets:
+            lengths = sorted({m["step"] for m in full if m["data"] == d})
+            for n in lengths:
+                name = "_".join(
+                    ["effective_paths"] + [d] * (len(sets) > 1) + [str(n)] * (len(lengths) > 1)
+                )
+                md = (store / "report" / f"{name}.md").read_text()
+                seeds = sum(m["step"] == n and m["data"] == d for m in full)
+                assert f"| full | {seeds} |" in md and f"| k=23/54 recalibrate | {seeds} |" in md
+                assert_figure(store / "report" / f"{name}.png")
+            if len(lengths) > 1:  # the verdicts at the longest length
+                assert f"at {lengths[-1]:,} steps" in claims["Sec. 5"]["verdict"]
         return
     elif target.startswith("outputs/effective_paths/"):  # rebuild a copy of the Sec. 5 report
         sweep = sweep_dir(effective_paths_quick(tmp_path_factory), "effective_paths")
