@@ -336,6 +336,7 @@ def test_memory_budget_splits_batches_and_keeps_the_values(resnet, data, monkeyp
     budget = 2 * one * 3 + one  # room for 3 examples (cache + one lesion's recomputation), not 4
     with torch.inference_mode():
         assert engine.micro_batch(resnet, x, FULL, budget) == 3
+        monkeypatch.setattr(engine, "CPU_ACTIVATION_BYTES", None)
         assert engine.micro_batch(resnet, x, FULL, None) is None
     sizes = []
     real = engine.plan_inputs
@@ -355,6 +356,40 @@ def test_memory_budget_splits_batches_and_keeps_the_values(resnet, data, monkeyp
         else:
             assert budgeted[0] == pytest.approx(whole[0], rel=1e-6)
             assert budgeted[1] == pytest.approx(whole[1], rel=1e-6)
+
+
+def test_cpu_activation_cap_splits_batches_and_keeps_the_values(resnet, data, monkeypatch):
+    """On a CPU a test batch is split so that its largest block input stays within
+    CPU_ACTIVATION_BYTES, in the plain and the BN-re-estimated sweeps; the values equal those of
+    whole batches (cap off): error counts exactly, losses up to float32 rounding."""
+    import src.engines.lesion as engine
+
+    x, y = data
+    with torch.inference_mode():
+        largest = max(h.element_size() * h[:1].numel() for h in engine.plan_inputs(resnet, x, FULL))
+        assert engine.micro_batch(resnet, x, FULL, None) == engine.CPU_ACTIVATION_BYTES // largest
+    plans = [lesion_plan(None, [i]) for i in range(resnet.n_blocks)] + [lesion_plan(None, [0, 4])]
+    batches, train = [(x[:32], y[:32]), (x[32:], y[32:])], [(x[:20], y[:20]), (x[20:], y[20:])]
+    seen = []
+    real = resnet.forward
+    monkeypatch.setattr(
+        resnet, "forward", lambda x, plan=None: seen.append(len(x)) or real(x, plan)
+    )
+    runs = {}
+    for cap in (largest * 5 + 1, None):
+        monkeypatch.setattr(engine, "CPU_ACTIVATION_BYTES", cap)
+        for metric in ("error", "loss"):
+            seen.clear()
+            plain = lesion_errors(resnet, plans, batches, metric=metric, reuse=False)
+            recal = engine.recalibrated_errors(resnet, plans, batches, train, metric=metric)
+            runs[cap, metric] = plain, recal, sorted(set(seen))
+    small = largest * 5 + 1
+    assert runs[small, "error"][2] == [2, 3, 5, 20]  # 32 = 6 x 5 + 2, 8 = 5 + 3; BN's batches
+    assert runs[None, "error"][2] == [8, 20, 32]
+    assert runs[small, "error"][:2] == runs[None, "error"][:2]
+    for got, want in zip(runs[small, "loss"][:2], runs[None, "loss"][:2]):
+        assert got[0] == pytest.approx(want[0], rel=1e-6)
+        assert got[1] == pytest.approx(want[1], rel=1e-6)
 
 
 def test_memory_budget_forms():
