@@ -9,16 +9,22 @@
 #   PRESET=medium SEEDS=0,1,2 bash experiments/sec5_schedule.sh 700 2800    # Fashion-MNIST
 # Each length runs in outputs/sec5_schedule/<preset>_<steps>/ (train/: the trainings, retest/:
 # the train=false re-tests); `python -m src.report outputs/sec5_schedule/<preset>_<steps>` rebuilds its report.
-# Once a seed's six runs have finished, their results (metrics.json, analysis/*.parquet, the
-# overrides and the precision the run chose; never checkpoints) are copied to
-# experiments/results/sec5_schedule/<preset>_<steps>/, which is committed:
-# a seed found there is skipped, so the measurement accumulates across sessions and fresh clones,
-# and `python experiments/sec5_schedule.py` builds the figure and table across lengths from it.
+# Each arm of a seed is kept as soon as its runs have finished (the 23-block arm: its training
+# and three re-tests; the full arm: its training with Fig. 5a's bn=eval sweep and the
+# bn=recalibrate re-test): their results (metrics.json, analysis/*.parquet, the overrides and the
+# precision the run chose; never checkpoints, so an arm cut off mid-way starts again in a fresh
+# clone) are copied to experiments/results/sec5_schedule/<preset>_<steps>/, which is committed:
+# an arm found there is skipped, so the measurement accumulates across sessions and fresh clones,
+# and `python experiments/sec5_schedule.py` builds the figure and table across lengths from the
+# seeds whose two arms are both there. ARMS picks the arms (default "23 54"), so that one arm fits
+# a session: at 2,800 Fashion-MNIST steps the 23-block arm takes ~45 min of 2 cores, the full
+# arm ~2 h.
 # One thread per run (OMP_NUM_THREADS=1): runs side by side on a shared 2-core box (e.g. one
-# script per length).
+# script per length or per seed).
 set -euo pipefail
 PRESET=${PRESET:-quick}
 SEEDS=${SEEDS:-0,1,2,3,4}
+ARMS=${ARMS:-23 54}
 # Fig. 5a's lesion sweep: the study's defaults on digits (10 random sets per k; bn=recalibrate
 # re-estimates on 20 training batches of 64). On Fashion-MNIST, where one 28x28 ResNet-110 lesion
 # costs ~12 s of a core on the 2,000 test images: 5 sets per k, as its earlier table
@@ -35,24 +41,25 @@ for L in "${STEPS[@]}"; do
   store=experiments/results/sec5_schedule/${PRESET}_${L}
   sched=(trainer.max_steps="$L" "optim.milestones=[$((L / 2)),$((3 * L / 4))]" optim.warmup_steps=$((L / 20)))
   for seed in ${SEEDS//,/ }; do
-    runs=(train/k23_seed$seed train/k54_seed$seed retest/k23_seed${seed}_{rescale,recalibrate,ensemble}
-      retest/k54_seed${seed}_delete_many_recalibrate)
-    if [ -f "$store/${runs[-1]}/metrics.json" ]; then continue; fi  # kept by an earlier session
-    for k in 23 54; do  # k = 54 of 54: every block every step (full training), Fig. 5a's network
+    for k in $ARMS; do  # k = 54 of 54: every block every step (full training), Fig. 5a's network
+      train=train/k${k}_seed$seed ckpt=$root/train/k${k}_seed$seed/checkpoints/last.ckpt
+      if [ $k = 54 ]; then runs=("$train" retest/k54_seed${seed}_delete_many_recalibrate)
+      else runs=("$train" retest/k${k}_seed${seed}_{rescale,recalibrate,ensemble}); fi
+      if [ -f "$store/${runs[-1]}/metrics.json" ]; then continue; fi  # kept by an earlier session
       fig5a=(); [ $k = 54 ] && fig5a=("${lesion[@]}")
-      run "$root/train/k${k}_seed$seed" experiment_name=effective_paths preset="$PRESET" \
+      run "$root/$train" experiment_name=effective_paths preset="$PRESET" \
         model=resnet110 training=block_subset training.k=$k seed="$seed" "${sched[@]}" "${fig5a[@]}"
+      if [ $k = 54 ]; then
+        run "$root/${runs[1]}" train=false ckpt_path="$ckpt" "${lesion[@]}" "${recal[@]}"
+      else
+        for rule in rescale recalibrate ensemble; do
+          run "$root/retest/k${k}_seed${seed}_$rule" train=false ckpt_path="$ckpt" \
+            training=block_subset training.test_mode=$rule
+        done
+      fi
+      keep "$root" "$store" "${runs[@]}"
+      echo "sec5_schedule: ${PRESET}_$L seed $seed, k = $k kept in $store"
     done
-    ckpt=$root/train/k23_seed$seed/checkpoints/last.ckpt
-    for rule in rescale recalibrate ensemble; do
-      run "$root/retest/k23_seed${seed}_$rule" train=false ckpt_path="$ckpt" \
-        training=block_subset training.test_mode=$rule
-    done
-    run "$root/retest/k54_seed${seed}_delete_many_recalibrate" train=false \
-      ckpt_path="$root/train/k54_seed$seed/checkpoints/last.ckpt" \
-      "${lesion[@]}" "${recal[@]}"
-    keep "$root" "$store" "${runs[@]}"
-    echo "sec5_schedule: ${PRESET}_$L seed $seed kept in $store"
   done
   if [ -d "$root" ]; then python -m src.report "$root"; fi
 done

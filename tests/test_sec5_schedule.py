@@ -167,3 +167,25 @@ def test_store_keeps_results_and_skips_finished_runs(tmp_path):
     assert (kept / "precision.txt").read_text() == (
         "precision 32-true, memory format contiguous: no bf16\n"
     )
+
+
+def test_arms_kept_apart_count_once_both_are_there(store, capsys):
+    """experiments/sec5_schedule.sh keeps each arm of a seed as soon as it finishes (ARMS=23 in
+    one session, ARMS=54 in another): a length holding only 23-block arms is left out, and a seed
+    whose 23-block arm is kept without its full arm counts in no Sec. 5 row."""
+    root = store / "store" / "quick_1000"
+    for s in (5, 6):  # two more seeds at 1,000 steps: only their 23-block arm is kept
+        run(root / f"train/k23_seed{s}", 0.9)
+        for rule in ("rescale", "recalibrate", "ensemble"):
+            run(root / f"retest/k23_seed{s}_{rule}", 0.5)
+    only23 = store / "store" / "quick_4000"
+    for s in range(3):
+        run(only23 / f"train/k23_seed{s}", 0.9)
+        for rule in ("rescale", "recalibrate", "ensemble"):
+            run(only23 / f"retest/k23_seed{s}_{rule}", 0.02)
+    out = store / "out"
+    sec5.main(["--root", str(store / "store"), "--out", str(out)])
+    t = pd.read_csv(out / "sec5_schedule.csv").set_index(["steps", "arm"])
+    assert sorted(set(t.index.get_level_values("steps"))) == [100, 1000]
+    assert t.loc[(1000, "23/54 rescale")].seeds == 3
+    assert t.loc[(1000, "23/54 rescale")].gap_pp == pytest.approx(2.0)
