@@ -4,7 +4,9 @@
 #                                (metrics.json), resumed (resume=true) where an earlier session
 #                                was cut off mid-training with a checkpoint
 #   keep <root> <store> <run...> each run's metrics.json, overrides, the precision it chose
-#                                (precision.txt) and analysis/*.parquet, from <root>/<run> to
+#                                (precision.txt), analysis/*.parquet and the studies' headline
+#                                numbers (analysis/summary.json: e.g. the full gradient's norm
+#                                beside the exact decomposition), from <root>/<run> to
 #                                <store>/<run>; `python -m src.report <store>` reads them as runs
 run() {
   local dir=$1; shift
@@ -21,5 +23,6 @@ keep() {
     if compgen -G "$root/$r/analysis/*.parquet" > /dev/null; then
       cp "$root/$r"/analysis/*.parquet "$store/$r/analysis/"
     fi
+    if [ -f "$root/$r/analysis/summary.json" ]; then cp "$root/$r/analysis/summary.json" "$store/$r/analysis/"; fi
   done
 }
