@@ -147,6 +147,13 @@ def effective_paths(runs: pd.DataFrame, out: Path, alpha: float) -> list[str]:
             name = "_".join(["effective_paths", *([d] if d else []), *([str(n)] if n else [])])
             of = ", ".join([*([d] if d else []), *([f"{n:,} steps"] if n else [])])
             lines += _effective_paths(rn, out, alpha, name, f" ({of})" if of else "")
+        if left := stats.sec5_unmatched(r):
+            steps = ", ".join(f"{n:,}" for n in left)
+            lines += [
+                f"Sec. 5{f' ({d})' if d else ''}: block-subset runs trained for {steps} steps "
+                "are left out: full training has no runs of that length to compare them with.",
+                "",
+            ]
     return lines
 
 

@@ -205,18 +205,34 @@ def sec5_arms(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def sec5_lengths(runs: pd.DataFrame) -> list[tuple[int | None, pd.DataFrame]]:
-    """(length, runs) per training length of full training's Sec. 5 runs (`step`: a run's
-    checkpoint step) where it ran for several and every block-subset run has a length of its own
-    among them: 400 steps are no replicates of 6,400. Else [(None, runs)]: one comparison, e.g.
-    of arms given different step budgets."""
+    """(length, runs) per training length (`step`: a run's checkpoint step) at which full
+    training and a block-subset arm both ran, where some arm ran for several lengths: 400 steps
+    are no replicates of 6,400, and a block-subset run of a length full training lacks has
+    nothing to be compared with (left out: `sec5_unmatched`). Else [(None, runs)]: one
+    comparison, e.g. of arms each trained for a step budget of its own."""
     arms = sec5_arms(runs)
     if arms.empty or "step" not in arms:
         return [(None, runs)]
-    full = set(arms.step[arms.arm == FULL].dropna().astype(int))
-    subset = set(arms.step[arms.arm != FULL].dropna().astype(int))
-    if len(full) < 2 or not subset <= full:
+    timed = arms.dropna(subset=["step"])
+    if (timed.groupby("arm").step.nunique() <= 1).all():
         return [(None, runs)]
-    return [(n, runs[(runs.step == n).fillna(False).astype(bool)]) for n in sorted(full)]
+    at = runs.step.astype(float)
+    return [(n, runs[at == n]) for n in _sec5_steps(timed)]
+
+
+def sec5_unmatched(runs: pd.DataFrame) -> list[int]:
+    """The training lengths of block-subset runs that `sec5_lengths` leaves out: full training
+    has no runs of that length (e.g. a long schedule's 23-block arm kept before its full arm)."""
+    arms = sec5_arms(runs)
+    if [n for n, _ in sec5_lengths(runs)] == [None]:
+        return []
+    timed = arms.dropna(subset=["step"])
+    return sorted(set(timed.step[timed.arm != FULL].astype(int)) - set(_sec5_steps(timed)))
+
+
+def _sec5_steps(timed: pd.DataFrame) -> list[int]:
+    full = set(timed.step[timed.arm == FULL].astype(int))
+    return sorted(full & set(timed.step[timed.arm != FULL].astype(int)))
 
 
 def _missing(v) -> bool:

@@ -523,20 +523,23 @@ def check_report(command, tmp_path_factory, tmp_path):
         copy = fresh_copy(tmp_path)
         run_cli(target, module="src.report", cwd=copy)
         store = copy / target
-        full = [json.loads(f.read_text()) for f in store.rglob("train/k54_seed*/metrics.json")]
+        trained = [json.loads(f.read_text()) for f in store.rglob("train/k*_seed*/metrics.json")]
+        full = [m for m in trained if m["k"] == m["n_blocks"]]
         sets = sorted({m["data"] for m in full})  # one comparison per data set and length
         claims = {r["figure"]: r for r in read_csv(store / "report" / "claims.csv")}
         for d in sets:
             lengths = sorted({m["step"] for m in full if m["data"] == d})
+            per_arm = {}  # an arm kept at several lengths: one comparison per length
+            for m in trained:
+                per_arm.setdefault((m["data"], m["k"]), set()).add(m["step"])
+            several = any(len(v) > 1 for (data, _), v in per_arm.items() if data == d)
             for n in lengths:
-                name = "_".join(
-                    ["effective_paths"] + [d] * (len(sets) > 1) + [str(n)] * (len(lengths) > 1)
-                )
+                name = "_".join(["effective_paths"] + [d] * (len(sets) > 1) + [str(n)] * several)
                 md = (store / "report" / f"{name}.md").read_text()
                 seeds = sum(m["step"] == n and m["data"] == d for m in full)
                 assert f"| full | {seeds} |" in md and f"| k=23/54 recalibrate | {seeds} |" in md
                 assert_figure(store / "report" / f"{name}.png")
-            if len(lengths) > 1:  # the verdicts at the longest length
+            if several:  # the verdicts at the longest length compared
                 assert f"at {lengths[-1]:,} steps" in claims["Sec. 5"]["verdict"]
         return
     elif target.startswith("outputs/effective_paths/"):  # rebuild a copy of the Sec. 5 report

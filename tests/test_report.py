@@ -334,6 +334,22 @@ def test_effective_paths_one_comparison_per_training_length(tmp_path):
     assert claims.loc["Sec. 5", "verdict"] == "measured: holds at 1,600 steps (400 steps: fails)"
 
 
+def test_effective_paths_never_pools_a_length_full_training_lacks(tmp_path):
+    """Block-subset runs at 400 and 1,600 steps, full training at 400 only (the long schedule's
+    23-block arm kept before its full arm): the 1,600-step runs are no extra seeds of the 400-step
+    comparison; they are left out, and the report and the claim say which length they compare."""
+    short = {"subset": [0.5, 0.6, 0.55], "full": [0.02, 0.03, 0.025]}
+    arms_sweep(tmp_path / "400", short, steps=400, overrides=["trainer.max_steps=400"])
+    arms_sweep(tmp_path / "1600", {"subset": [0.02, 0.03, 0.025]}, steps=1600)
+    md = rep.report(tmp_path).read_text()
+    res = json.loads((tmp_path / "report" / "effective_paths_400.json").read_text())
+    assert res["arms"]["k=4/9"]["errors"] == short["subset"]
+    assert res["comparisons"]["k=4/9"]["paired_t"]["seeds"] == 3
+    assert "block-subset runs trained for 1,600 steps are left out" in md
+    claims = pd.read_csv(tmp_path / "report" / "claims.csv").set_index("figure")
+    assert claims.loc["Sec. 5", "measured"].startswith("at 400 steps: k=4/9: 55.0% vs 2.5%")
+
+
 def test_effective_paths_arms_of_different_budgets_compare_once(tmp_path):
     """Block-subset training for 800 steps against full training for 400 (one compute budget):
     one comparison, and the claim reads the same one (not each length alone, arm-less)."""
