@@ -17,8 +17,9 @@
 # an arm found there is skipped, so the measurement accumulates across sessions and fresh clones,
 # and `python experiments/sec5_schedule.py` builds the figure and table across lengths from the
 # seeds whose two arms are both there. ARMS picks the arms (default "23 54"), so that one arm fits
-# a session: at 2,800 Fashion-MNIST steps the 23-block arm takes ~45 min of 2 cores, the full
-# arm ~2 h.
+# a session: at 2,800 Fashion-MNIST steps the 23-block arm took 1 h 50 min on one core beside a
+# second one (1.8-2.2 s per step, re-tests 10 min); the full arm, ~2.3x the cost per step and two
+# lesion sweeps, needs about 2.5 h of both cores (OMP_NUM_THREADS=2): start it first in a session.
 # One thread per run (OMP_NUM_THREADS=1): runs side by side on a shared 2-core box (e.g. one
 # script per length or per seed).
 set -euo pipefail
