@@ -21,9 +21,10 @@ so the values are the same as with whole batches (tested).
 On a CPU the engine also splits test batches so that one example-batch's largest block input
 stays within `CPU_ACTIVATION_BYTES` (4 MiB): glibc serves larger allocations with fresh mmaps
 and returns them to the kernel on free, so every layer of a large eval batch pays page faults
-(sys time). A 1,000-image Fashion-MNIST batch through ResNet-110 ran 2.7x slower than the same
-images in micro-batches of 80 (benchmarks/cpu_chunks.py). Digits (4 KiB per example) and any
-batch already small enough are left whole; on a GPU nothing changes. None disables the cap.
+(sys time). A 1,000-image Fashion-MNIST batch through ResNet-110 ran 1.5x slower than the same
+images in micro-batches of 83, 2 threads, idle (benchmarks/cpu_chunks.py; 2x at one thread).
+Digits (4 KiB per example) and any batch already small enough are left whole; on a GPU nothing
+changes. None disables the cap.
 
 `recalibrated_errors` separates stale batch-norm statistics from lost paths (issue 9): every
 plan, and the base, is tested with BN running statistics re-estimated under that plan on given
