@@ -210,11 +210,8 @@ def sec5_lengths(runs: pd.DataFrame) -> list[tuple[int | None, pd.DataFrame]]:
     are no replicates of 6,400, and a block-subset run of a length full training lacks has
     nothing to be compared with (left out: `sec5_unmatched`). Else [(None, runs)]: one
     comparison, e.g. of arms each trained for a step budget of its own."""
-    arms = sec5_arms(runs)
-    if arms.empty or "step" not in arms:
-        return [(None, runs)]
-    timed = arms.dropna(subset=["step"])
-    if (timed.groupby("arm").step.nunique() <= 1).all():
+    timed = _sec5_timed(runs)
+    if timed is None:
         return [(None, runs)]
     at = runs.step.astype(float)
     return [(n, runs[at == n]) for n in _sec5_steps(timed)]
@@ -223,11 +220,20 @@ def sec5_lengths(runs: pd.DataFrame) -> list[tuple[int | None, pd.DataFrame]]:
 def sec5_unmatched(runs: pd.DataFrame) -> list[int]:
     """The training lengths of block-subset runs that `sec5_lengths` leaves out: full training
     has no runs of that length (e.g. a long schedule's 23-block arm kept before its full arm)."""
-    arms = sec5_arms(runs)
-    if [n for n, _ in sec5_lengths(runs)] == [None]:
+    timed = _sec5_timed(runs)
+    if timed is None:
         return []
-    timed = arms.dropna(subset=["step"])
     return sorted(set(timed.step[timed.arm != FULL].astype(int)) - set(_sec5_steps(timed)))
+
+
+def _sec5_timed(runs: pd.DataFrame) -> pd.DataFrame | None:
+    """The Sec. 5 arms with a training length, where some arm ran for several lengths (one
+    comparison per length); None where the runs make one comparison."""
+    arms = sec5_arms(runs)
+    if arms.empty or "step" not in arms:
+        return None
+    timed = arms.dropna(subset=["step"])
+    return None if (timed.groupby("arm").step.nunique() <= 1).all() else timed
 
 
 def _sec5_steps(timed: pd.DataFrame) -> list[int]:

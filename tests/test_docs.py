@@ -527,11 +527,11 @@ def check_report(command, tmp_path_factory, tmp_path):
         full = [m for m in trained if m["k"] == m["n_blocks"]]
         sets = sorted({m["data"] for m in full})  # one comparison per data set and length
         claims = {r["figure"]: r for r in read_csv(store / "report" / "claims.csv")}
+        per_arm = {}  # an arm kept at several lengths: one comparison per length
+        for m in trained:
+            per_arm.setdefault((m["data"], m["k"]), set()).add(m["step"])
         for d in sets:
             lengths = sorted({m["step"] for m in full if m["data"] == d})
-            per_arm = {}  # an arm kept at several lengths: one comparison per length
-            for m in trained:
-                per_arm.setdefault((m["data"], m["k"]), set()).add(m["step"])
             several = any(len(v) > 1 for (data, _), v in per_arm.items() if data == d)
             for n in lengths:
                 name = "_".join(["effective_paths"] + [d] * (len(sets) > 1) + [str(n)] * several)

@@ -135,8 +135,9 @@ def test_committed_table_is_the_stores(tmp_path):
 
 def test_store_keeps_results_and_skips_finished_runs(tmp_path):
     """experiments/store.sh, which the measurement scripts source: `keep` copies a run's
-    metrics, overrides, chosen precision and analysis tables (never its checkpoints) into the
-    store; `run` starts nothing for a run that has finished."""
+    metrics, overrides, chosen precision, analysis tables and headline numbers (never its
+    checkpoints, logs or figures) into the store; `run` starts nothing for a run that has
+    finished."""
     r = tmp_path / "outputs/a/k54_seed0"
     (r / ".hydra").mkdir(parents=True)
     (r / "analysis").mkdir()
@@ -148,6 +149,8 @@ def test_store_keeps_results_and_skips_finished_runs(tmp_path):
     )
     (r / "analysis/delete_many.parquet").write_bytes(b"table")
     (r / "analysis/delete_many.png").write_bytes(b"figure")
+    (r / "analysis/delete_many.csv").write_bytes(b"k,error\n")
+    (r / "analysis/summary.json").write_text('{"delete_many": {}}')
     (r / "checkpoints/last.ckpt").write_bytes(b"weights")
     script = (
         f"source {REPO / 'experiments/store.sh'}; python() {{ echo started; }}; "
@@ -160,6 +163,7 @@ def test_store_keeps_results_and_skips_finished_runs(tmp_path):
     kept = tmp_path / "store/a/k54_seed0"
     assert sorted(p.relative_to(kept).as_posix() for p in kept.rglob("*") if p.is_file()) == [
         "analysis/delete_many.parquet",
+        "analysis/summary.json",
         "metrics.json",
         "overrides.yaml",
         "precision.txt",
