@@ -21,7 +21,11 @@
 # second one (1.8-2.2 s per step, re-tests 10 min); the full arm, ~2.3x the cost per step and two
 # lesion sweeps, needs about 2.5 h of both cores (OMP_NUM_THREADS=2): start it first in a session.
 # One thread per run (OMP_NUM_THREADS=1): runs side by side on a shared 2-core box (e.g. one
-# script per length or per seed).
+# script per length or per seed). The precision is pinned (PRECISION, default 32-true; the memory
+# format follows it), not left to trainer.precision's auto choice: the arms of one seed may be
+# trained in different sessions on different CPUs, and a CPU with native bf16 would otherwise
+# train its arm in bf16 beside an fp32 partner (experiments/sec5_schedule.py leaves such a
+# seed out). Every kept run so far trained in fp32.
 set -euo pipefail
 PRESET=${PRESET:-quick}
 SEEDS=${SEEDS:-0,1,2,3,4}
@@ -34,6 +38,7 @@ lesion=(+lesion@callbacks.delete_many=delete_many) recal=(callbacks.delete_many.
 if [ "$PRESET" = medium ]; then
   lesion+=(callbacks.delete_many.trials=5) recal+=(callbacks.delete_many.bn_batches=10)
 fi
+pin=(trainer.precision="${PRECISION:-32-true}")
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1
 STEPS=("$@"); [ ${#STEPS[@]} -gt 0 ] || STEPS=(400 1600 6400)
 source "$(dirname "$0")/store.sh"  # run <dir> <overrides...>, keep <root> <store> <run...>
@@ -49,13 +54,13 @@ for L in "${STEPS[@]}"; do
       if [ -f "$store/${runs[-1]}/metrics.json" ]; then continue; fi  # kept by an earlier session
       fig5a=(); [ $k = 54 ] && fig5a=("${lesion[@]}")
       run "$root/$train" experiment_name=effective_paths preset="$PRESET" \
-        model=resnet110 training=block_subset training.k=$k seed="$seed" "${sched[@]}" "${fig5a[@]}"
+        model=resnet110 training=block_subset training.k=$k seed="$seed" "${sched[@]}" "${fig5a[@]}" "${pin[@]}"
       if [ $k = 54 ]; then
-        run "$root/${runs[1]}" train=false ckpt_path="$ckpt" "${lesion[@]}" "${recal[@]}"
+        run "$root/${runs[1]}" train=false ckpt_path="$ckpt" "${lesion[@]}" "${recal[@]}" "${pin[@]}"
       else
         for rule in rescale recalibrate ensemble; do
           run "$root/retest/k${k}_seed${seed}_$rule" train=false ckpt_path="$ckpt" \
-            training=block_subset training.test_mode=$rule
+            training=block_subset training.test_mode=$rule "${pin[@]}"
         done
       fi
       keep "$root" "$store" "${runs[@]}"

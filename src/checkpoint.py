@@ -27,12 +27,15 @@ CHOICES = (*GROUPS, "preset")
 FREE_PREFIXES = ("data.", "training.test_mode", "training.bn_batches", "training.ensemble_size")
 
 
-def describe(cfg: DictConfig, choices: dict) -> dict:
-    """The part of a run's config that defines its trained network, as plain data."""
+def describe(cfg: DictConfig, choices: dict, precision: str | None = None) -> dict:
+    """The part of a run's config that defines its trained network, as plain data; `precision`:
+    the one its weights were trained in (`trainer.precision` resolved, e.g. on the CPU it ran
+    on), so that runs testing the checkpoint later report it."""
     return {
         "choices": {g: choices.get(g) for g in CHOICES},
         **{g: OmegaConf.to_container(cfg[g], resolve=True) for g in GROUPS},
         "seed": cfg.get("seed"),
+        "precision": precision,
     }
 
 

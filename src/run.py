@@ -95,10 +95,11 @@ def reported(err: InstantiationException) -> BaseException:
     return err
 
 
-def run_facts(cfg: DictConfig, choices: dict, net, mode, seed) -> dict:
+def run_facts(cfg: DictConfig, choices: dict, net, mode, seed, trained_in) -> dict:
     """What was run, for metrics.json: a results folder reads without its `.hydra/`. `seed`: the
     seed the network was trained with (a checkpoint's own, when one is analysed), so that runs
-    testing one checkpoint in several ways pair with it."""
+    testing one checkpoint in several ways pair with it; `trained_in`: likewise the precision its
+    weights were trained in (None: unknown, e.g. a checkpoint older than this record)."""
     return {
         "model": choices.get("model"),
         "data": cfg.get("data_name") or choices.get("data"),  # lm_lesions names its text
@@ -107,6 +108,7 @@ def run_facts(cfg: DictConfig, choices: dict, net, mode, seed) -> dict:
         "k": mode.blocks_per_step(net.n_blocks),
         "test_mode": getattr(mode, "test_mode", None),  # block_subset's test-time rule
         "seed": seed,
+        "precision": trained_in,
         "run_id": wandb_id(cfg.paths.output_dir),
     }
 
@@ -135,7 +137,7 @@ def train(cfg: DictConfig) -> dict:
     drop_noise()  # again: the handlers Lightning added on import
 
     choices = dict(HydraConfig.get().runtime.choices)
-    ckpt, trained_seed = None, cfg.get("seed")
+    ckpt, trained_seed, trained_in = None, cfg.get("seed"), None
     if not cfg.train and cfg.ckpt_path:  # else a pretrained model.path brings its own weights
         ckpt = checkpoint.load(cfg.ckpt_path)
         if checkpoint.KEY in ckpt:  # rebuild the run that wrote it
@@ -143,6 +145,7 @@ def train(cfg: DictConfig) -> dict:
             checkpoint.adopt(cfg, saved, list(HydraConfig.get().overrides.task), cfg.ckpt_path)
             choices.update({g: saved["choices"].get(g) for g in checkpoint.GROUPS})
             trained_seed = saved.get("seed", trained_seed)
+            trained_in = saved.get("precision")
     if cfg.seed is not None:
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = instantiate(cfg.data, _convert_="all")
@@ -156,6 +159,8 @@ def train(cfg: DictConfig) -> dict:
     fast = precision.choose(cfg, net)
     fast.apply(net)
     log.info("%s", fast)
+    if cfg.train:
+        trained_in = fast.precision
     if cfg.get("compile"):
         net.compile_blocks()
     mode = instantiate(cfg.training)
@@ -166,14 +171,14 @@ def train(cfg: DictConfig) -> dict:
     callbacks = build(cfg, "callbacks")
     # every table's metadata; after the callbacks, whose constructors may still refuse a value:
     # the run's W&B id (`<run dir>/wandb_id`) is written only once nothing was refused
-    module.facts = run_facts(cfg, choices, net, mode, trained_seed)
+    module.facts = run_facts(cfg, choices, net, mode, trained_seed, trained_in)
     # the optimizer step of the weights analysed (the tables' `step`): a `step=` override, else
     # the checkpoint's own; after training, the trained network's (set below)
     module.facts["step"] = (
         cfg.get("step") if cfg.get("step") is not None else (ckpt or {}).get("global_step")
     )
     # in every run, so a callback can save a checkpoint of its own (src/export.py)
-    callbacks.append(checkpoint.RunConfig(checkpoint.describe(cfg, choices)))
+    callbacks.append(checkpoint.RunConfig(checkpoint.describe(cfg, choices, trained_in)))
     trainer = instantiate(
         cfg.trainer,
         callbacks=callbacks,

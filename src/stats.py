@@ -258,6 +258,16 @@ def compare_arms(runs: pd.DataFrame, alpha: float = 0.05, value: str = "test_err
         raise ConfigError(
             f"found arms {arms}: need finished runs of full training and of block_subset training"
         )
+    trained = runs.precision.dropna() if "precision" in runs else pd.Series([], dtype=object)
+    if trained.nunique() > 1:  # a gap between arms trained alike, or no gap
+        found = "; ".join(
+            f"{p}: {', '.join(sorted(runs.arm[trained.index[trained == p]].unique()))}"
+            for p in sorted(trained.unique())
+        )
+        raise ConfigError(
+            f"the runs trained in different precisions ({found}): retrain one arm with the "
+            "other's trainer.precision"
+        )
     err = {a: runs.loc[runs.arm == a, value].astype(float).tolist() for a in [FULL, *subsets]}
     if min(len(v) for v in err.values()) < 2:
         raise ConfigError("need at least 2 seeds per arm for a significance test: add seeds")

@@ -151,8 +151,21 @@ def test_the_log_names_the_choice_and_a_lesion_run_finishes(tmp_path):
     log = (run / "run.log").read_text()
     assert "precision bf16-mixed, memory format channels_last: trainer.precision set" in log
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["global_step"] == 3 and 0 <= metrics["test_error"] <= 1
+    assert metrics["global_step"] == 3 and metrics["precision"] == "bf16-mixed"
     assert list((run / "analysis").glob("delete_single*.csv"))
+    # testing the checkpoint again, in fp32 this time, reports the precision it trained in: the
+    # report compares arms by it (src/stats.py compare_arms)
+    again = tmp_path / "again"
+    run_cli(
+        "train=false",
+        f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+        "logger=csv",
+        "trainer.precision=32-true",
+        "hydra.mode=RUN",
+        f"hydra.run.dir={again}",
+    )
+    assert json.loads((again / "metrics.json").read_text())["precision"] == "bf16-mixed"
+    assert "precision 32-true" in (again / "run.log").read_text()
 
 
 @pytest.mark.slow

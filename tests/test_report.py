@@ -205,9 +205,10 @@ def arms_sweep(
     overrides=(),
     first_seed=0,
     steps=None,
+    precision=None,
 ):
     """A Sec. 5 multirun: one job per (arm, seed), as metrics.json records it (`steps`: the
-    training length, metrics.json's `step`)."""
+    training length, metrics.json's `step`; `precision`: the one each arm trained in, by arm)."""
     job = 0
     for arm, errs in errors.items():
         for seed, err in enumerate(errs, first_seed):
@@ -218,6 +219,7 @@ def arms_sweep(
             metrics |= {} if steps is None else {"step": steps}
             metrics |= {"n_blocks": 9, "seed": seed, "model": "resnet20", "data": data}
             metrics |= {"test_mode": test_mode if training == "block_subset" else None}
+            metrics |= {"precision": precision[arm]} if precision else {}
             args = [*overrides, f"training={training}", f"seed={seed}"]
             fake_run(root / str(job), args, metrics, {})
             job += 1
@@ -390,6 +392,27 @@ def test_effective_paths_needs_two_arms_and_seeds(tmp_path):
     rep.report(tmp_path / "gap")
     claims = pd.read_csv(tmp_path / "gap" / "report" / "claims.csv").set_index("figure")
     assert claims.loc["Sec. 5", "verdict"] == "measured: fails"
+
+
+def test_effective_paths_never_compares_arms_trained_in_different_precisions(tmp_path):
+    """The arms of a comparison may train on different CPUs, and `trainer.precision`'s auto
+    choice differs between them (bf16 where the CPU has it natively): such arms are not
+    compared, and the report says why; arms trained alike (or of runs that predate the record)
+    are."""
+    sub, full = [0.10, 0.12, 0.11], [0.08, 0.09, 0.085]
+    mixed = {"subset": "bf16-mixed", "full": "32-true"}
+    arms_sweep(tmp_path / "mixed", {"subset": sub, "full": full}, precision=mixed)
+    md = rep.report(tmp_path / "mixed").read_text()
+    assert (
+        "Not compared: the runs trained in different precisions (32-true: full; bf16-mixed: "
+        "k=4/9): retrain one arm with the other's trainer.precision." in md
+    )
+    assert not (tmp_path / "mixed" / "report" / "effective_paths.json").exists()
+    alike = {"subset": "bf16-mixed", "full": "bf16-mixed"}
+    arms_sweep(tmp_path / "alike", {"subset": sub, "full": full}, precision=alike)
+    rep.report(tmp_path / "alike")
+    res = json.loads((tmp_path / "alike" / "report" / "effective_paths.json").read_text())
+    assert res["comparisons"]["k=4/9"]["significant"]
 
 
 def test_claims_table_per_data_set(tmp_path):

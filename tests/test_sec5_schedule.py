@@ -193,3 +193,23 @@ def test_arms_kept_apart_count_once_both_are_there(store, capsys):
     assert sorted(set(t.index.get_level_values("steps"))) == [100, 1000]
     assert t.loc[(1000, "23/54 rescale")].seeds == 3
     assert t.loc[(1000, "23/54 rescale")].gap_pp == pytest.approx(2.0)
+
+
+def test_seed_whose_arms_trained_in_different_precisions_is_left_out(store, capsys):
+    """The arms of a seed may be trained on different CPUs: a 23-block arm trained in bf16
+    beside an fp32 full arm is no paired comparison, so that seed leaves the Sec. 5 rows (with
+    a line that names it) and keeps its Fig. 5a rows, which use the full arm alone."""
+    root = store / "store" / "quick_100"
+    (root / "train/k23_seed2/precision.txt").write_text(
+        "precision bf16-mixed, memory format channels_last: the CPU has native bf16\n"
+    )
+    out = store / "out"
+    sec5.main(["--root", str(store / "store"), "--out", str(out)])
+    t = pd.read_csv(out / "sec5_schedule.csv").set_index(["steps", "arm"])
+    assert t.loc[(100, "full training")].seeds == 2
+    assert t.loc[(100, "full training")].error == pytest.approx(0.025)
+    assert t.loc[(100, "23/54 rescale")].gap_pp == pytest.approx(4.5)  # seeds 0, 1: 4 and 5 pp
+    assert t.loc[(100, "Fig. 5a largest step, bn=eval")].seeds == 3
+    assert t.loc[(1000, "23/54 rescale")].seeds == 3  # the other length is untouched
+    err = capsys.readouterr().err
+    assert "quick_100 seed 2 left out of Sec. 5: its arms trained in 32-true and bf16-mixed" in err
