@@ -18,8 +18,8 @@
 # and `python experiments/sec5_schedule.py` builds the figure and table across lengths from the
 # seeds whose two arms are both there. ARMS picks the arms (default "23 54"), so that one arm fits
 # a session: at 2,800 Fashion-MNIST steps the 23-block arm took 1 h 50 min on one core beside a
-# second one (1.8-2.2 s per step, re-tests 10 min); the full arm, ~2.3x the cost per step and two
-# lesion sweeps, needs about 2.5 h of both cores (OMP_NUM_THREADS=2): start it first in a session.
+# second one (1.8-2.2 s per step, re-tests 10 min; AVX2 EPYC); the full arm with its two lesion
+# sweeps took 62 min of both idle cores (OMP_NUM_THREADS=2, 1.0-1.1 s per step; AVX512 EPYC).
 # One thread per run (OMP_NUM_THREADS=1): runs side by side on a shared 2-core box (e.g. one
 # script per length or per seed). The precision is pinned (PRECISION, default 32-true; the memory
 # format follows it), not left to trainer.precision's auto choice: the arms of one seed may be
