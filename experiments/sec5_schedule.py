@@ -74,14 +74,15 @@ def seed_values(root: Path) -> pd.DataFrame:
         }
         jumps = {bn: largest_step(run) for bn, run in lesioned.items()}
         trained = chosen(root.glob(f"train/k*_seed{s}/precision.txt"))
-        if full is not None and None not in tested.values() and len(trained) > 1:
+        paired = full is not None and None not in tested.values()
+        if paired and len(trained) > 1:
             print(  # a paired gap is only a gap between arms trained alike
                 f"sec5_schedule: {root.name} seed {s} left out of Sec. 5: its arms trained in "
                 f"{' and '.join(sorted(trained))}; retrain one (experiments/sec5_schedule.sh "
                 "pins PRECISION)",
                 file=sys.stderr,
             )
-        elif full is not None and None not in tested.values():
+        elif paired:
             rows.append((s, FULL, full["test_error"]))
             rows += [
                 (s, f"23/54 {r}", 100 * (tested[r]["test_error"] - full["test_error"]))
